@@ -31,6 +31,7 @@ from meterstream.collectors.dlt645 import (
     PlaintextEncoder,
     ReadAddressRequest,
     ReadReply,
+    ReadReplyEncoder,
     ReadRequest,
     TimeSetRequest,
     UnknownReply,
@@ -553,3 +554,25 @@ def test_energy_block_batch_skips_errors_and_bad_checksums() -> None:
     empty_values, empty_ok = decode_energy_blocks([])
     assert empty_values.shape == (0, 5) and empty_ok.shape == (0,)
     assert decode_value(block, encode_value(block, [5, 1, 1, 1, 2])) == (5, 1, 1, 1, 2)
+
+
+@given(
+    meters,
+    st.booleans(),
+    st.lists(st.binary(min_size=20, max_size=20), min_size=1, max_size=4),
+    st.integers(0, 4),
+    st.booleans(),
+)
+def test_read_reply_encoder_builds_the_frame_the_definition_gives(
+    address: str, old: bool, values: list[bytes], preamble: int, more: bool
+) -> None:
+    """The precomputed encoder equals a frame built from scratch, for every value it is given."""
+    protocol, di = (1997, 0x9010) if old else (2007, 0x0001FF00)
+    encoder = ReadReplyEncoder(address, di, 20, protocol=protocol, more=more, preamble=preamble)
+    control = (0x81 if old else 0x91) | (0x20 if more else 0)
+    di_wire = di.to_bytes(2 if old else 4, "little")
+    for value in values:
+        expected = encode_frame(address, control, di_wire + value, preamble=preamble)
+        assert encoder(value) == expected
+    with pytest.raises(CodecError):
+        encoder(b"\x00" * 19)
