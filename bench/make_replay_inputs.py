@@ -27,6 +27,7 @@ if str(REPO / "src") not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO / "src"))
 
 from meterfield.lcl import Consumption, load_consumption, meter_address
+from meterstream.kernels.tariffs import civil_from_days
 
 TARIFFS = REPO / "config" / "tariffs-example.toml"
 PROVENANCE = """Derived from lcl_2013_halfhourly.csv.gz: real half-hourly consumption of 325 London households
@@ -93,20 +94,6 @@ def _put_kwh(out: np.ndarray, p: int, centi: int) -> int:
 
 
 @njit(cache=True)
-def _civil(z: int) -> tuple[int, int, int]:
-    z += 719468
-    era = z // 146097
-    doe = z - era * 146097
-    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
-    y = yoe + era * 400
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    d = doy - (153 * mp + 2) // 5 + 1
-    m = mp + 3 if mp < 10 else mp - 9
-    return (y + 1 if m <= 2 else y), m, d
-
-
-@njit(cache=True)
 def _format_readings(
     order: np.ndarray,
     ts: np.ndarray,
@@ -119,7 +106,7 @@ def _format_readings(
     p = 0
     for i in order:
         t = ts[i]
-        y, mo, d = _civil(t // 86400)
+        y, mo, d = civil_from_days(t // 86400)
         s = t % 86400
         p = _put_int(out, p, y, 4)
         out[p] = 45
