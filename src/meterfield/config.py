@@ -16,12 +16,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from meterstream.errors import UserError
+from meterstream.tomlcheck import NAME_RE as _NAME_RE
+from meterstream.tomlcheck import TomlTable
 
 KINDS = ("concentrator", "serial-server", "dtu", "gateway")
 #: How each kind is reached: listening terminals accept the collector, DTUs dial out to it.
@@ -30,7 +32,6 @@ KIND_LETTER = {"concentrator": "C", "serial-server": "S", "dtu": "D", "gateway":
 CLASSES = ("dedicated", "public", "lowvoltage")  # 专变, 公变, 低压
 MODBUS_FUNCTIONS = (3, 4)
 
-_NAME_RE = re.compile(r"^[A-Z0-9][A-Z0-9._-]{0,15}$")
 _TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 
 DEFAULT_TOU = {"00:00": 4, "08:00": 2, "11:00": 3, "17:00": 2, "19:00": 1, "21:00": 2,
@@ -204,134 +205,6 @@ class FieldConfig:
         return replace(self, speed=float(speed))
 
 
-# --- the checker --------------------------------------------------------------------------------
-
-
-class _Table:
-    """One TOML table with the file and its dotted path: typed getters that raise UserError."""
-
-    def __init__(self, data: Mapping[str, Any], source: str, prefix: str) -> None:
-        if not isinstance(data, Mapping):
-            raise UserError(f"{prefix or 'top level'}: expected a table", where=source)
-        self.data = data
-        self.source = source
-        self.prefix = prefix
-        self.used: set[str] = set()
-
-    def key(self, k: str) -> str:
-        return f"{self.prefix}.{k}" if self.prefix else k
-
-    def fail(self, k: str, reason: str) -> UserError:
-        return UserError(f"{self.key(k)}: {reason}", where=self.source)
-
-    def has(self, k: str) -> bool:
-        return k in self.data
-
-    def raw(self, k: str, default: Any = None) -> Any:
-        self.used.add(k)
-        return self.data.get(k, default)
-
-    def sub(self, k: str) -> _Table:
-        v = self.raw(k, {})
-        if not isinstance(v, Mapping):
-            raise self.fail(k, "expected a table")
-        return _Table(v, self.source, self.key(k))
-
-    def subs(self, k: str) -> list[_Table]:
-        v = self.raw(k, [])
-        if not isinstance(v, list) or not all(isinstance(x, Mapping) for x in v):
-            raise self.fail(k, f"expected an array of tables ([[{self.key(k)}]])")
-        return [_Table(x, self.source, f"{self.key(k)}[{i}]") for i, x in enumerate(v)]
-
-    def boolean(self, k: str, default: bool) -> bool:
-        v = self.raw(k, default)
-        if not isinstance(v, bool):
-            raise self.fail(k, f"expected true or false, got {v!r}")
-        return v
-
-    def integer(self, k: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
-        v = self.raw(k, default)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise self.fail(k, f"expected an integer, got {v!r}")
-        return self._bounded(k, v, lo, hi)
-
-    def number(self, k: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
-        v = self.raw(k, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise self.fail(k, f"expected a number, got {v!r}")
-        return float(self._bounded(k, v, lo, hi))
-
-    def _bounded(self, k: str, v: Any, lo: Any, hi: Any) -> Any:
-        if lo is not None and v < lo:
-            raise self.fail(k, f"{v} is below the minimum {lo}")
-        if hi is not None and v > hi:
-            raise self.fail(k, f"{v} is above the maximum {hi}")
-        return v
-
-    def string(self, k: str, default: str, choices: tuple[str, ...] | None = None) -> str:
-        v = self.raw(k, default)
-        if not isinstance(v, str):
-            raise self.fail(k, f"expected a string, got {v!r}")
-        if choices is not None and v not in choices:
-            raise self.fail(k, f"{v!r} is not one of {', '.join(choices)}")
-        return v
-
-    def name(self, k: str, default: str) -> str:
-        v = self.string(k, default)
-        if not _NAME_RE.match(v):
-            raise self.fail(k, f"{v!r}: use 1-16 of A-Z 0-9 . _ - (upper case, starting alphanumeric)")
-        return v
-
-    def span(self, k: str, default: tuple[float, float], lo: float | None = None,
-             hi: float | None = None) -> tuple[float, float]:
-        """A [min, max] pair (a single number means min = max)."""
-        v = self.raw(k, list(default))
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = [v, v]
-        if (not isinstance(v, list) or len(v) != 2
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
-            raise self.fail(k, f"expected [min, max] numbers, got {v!r}")
-        a, b = float(v[0]), float(v[1])
-        if not (math.isfinite(a) and math.isfinite(b)):
-            raise self.fail(k, "expected finite numbers")
-        if a > b:
-            raise self.fail(k, f"min {a} is above max {b}")
-        self._bounded(k, a, lo, hi)
-        self._bounded(k, b, lo, hi)
-        return a, b
-
-    def share(self, k: str, default: float) -> float:
-        return self.number(k, default, 0.0, 1.0)
-
-    def decimal(self, k: str, default: str, places: int, lo: Decimal | None = None) -> int:
-        """A decimal string such as "12.34" -> an exact integer in units of 10^-places."""
-        v = self.raw(k, default)
-        return self._decimal(k, v, places, lo)
-
-    def _decimal(self, k: str, v: Any, places: int, lo: Decimal | None = None) -> int:
-        if not isinstance(v, str):
-            raise self.fail(k, f"expected a decimal string such as \"12.34\", got {v!r} "
-                               "(quote it: floats are not exact)")
-        try:
-            d = Decimal(v.strip())
-        except InvalidOperation:
-            raise self.fail(k, f"{v!r} is not a decimal number") from None
-        if not d.is_finite():
-            raise self.fail(k, f"{v!r} is not a finite number")
-        scaled = d.scaleb(places)
-        if scaled != scaled.to_integral_value():
-            raise self.fail(k, f"{v!r} has more than {places} decimal places")
-        if lo is not None and d < lo:
-            raise self.fail(k, f"{v!r} is below the minimum {lo}")
-        return int(scaled)
-
-    def finish(self) -> None:
-        """An unknown key is a mistake (usually a typo): say which one and what is allowed."""
-        for k in self.data:
-            if k not in self.used:
-                raise self.fail(k, "unknown key (check the spelling; docs/field.md lists the keys)")
-
-
 # --- loading ------------------------------------------------------------------------------------
 
 
@@ -339,7 +212,7 @@ def _parse_tou_default() -> tuple[tuple[int, int], ...]:
     return tuple(sorted((int(t[:2]) * 60 + int(t[3:]), v) for t, v in DEFAULT_TOU.items()))
 
 
-def _bus(t: _Table, base: BusConfig) -> BusConfig:
+def _bus(t: TomlTable, base: BusConfig) -> BusConfig:
     out = BusConfig(
         pacing=t.boolean("pacing", base.pacing),
         baud=t.integer("baud", base.baud, 300, 115_200),
@@ -357,7 +230,7 @@ def _bus(t: _Table, base: BusConfig) -> BusConfig:
     return out
 
 
-def _meters(t: _Table) -> MeterConfig:
+def _meters(t: TomlTable) -> MeterConfig:
     d = MeterConfig()
     press = t.raw("press_delay_s", list(d.press_delay_s or ()))
     press_delay: tuple[float, float] | None
@@ -409,7 +282,7 @@ def _meters(t: _Table) -> MeterConfig:
     return out
 
 
-def _profile(t: _Table, base_dir: Path) -> ProfileConfig:
+def _profile(t: TomlTable, base_dir: Path) -> ProfileConfig:
     d = ProfileConfig()
     kind = t.string("kind", d.kind, ("synthetic", "recorded"))
     path_raw = t.raw("path", None)
@@ -449,7 +322,7 @@ def _profile(t: _Table, base_dir: Path) -> ProfileConfig:
 _ADDRESS_RE = re.compile(r"^0x[0-9A-Fa-f]{1,4}$")
 
 
-def _modbus_maps(t: _Table) -> dict[str, ModbusMap]:
+def _modbus_maps(t: TomlTable) -> dict[str, ModbusMap]:
     from meterfield.modbus_maps import BUILTIN_MAPS, QUANTITIES
 
     maps = dict(BUILTIN_MAPS)
@@ -482,7 +355,7 @@ def _modbus_maps(t: _Table) -> dict[str, ModbusMap]:
     return maps
 
 
-def _group(t: _Table, bus: BusConfig, maps: Mapping[str, ModbusMap]) -> GroupConfig:
+def _group(t: TomlTable, bus: BusConfig, maps: Mapping[str, ModbusMap]) -> GroupConfig:
     kind = t.string("kind", "concentrator", KINDS)
     meters_max = 246 if kind == "gateway" else 9998  # unit ids 1..247, one spare for a supply meter
     cls = t.string("class", "lowvoltage", CLASSES)
@@ -525,7 +398,7 @@ def _group(t: _Table, bus: BusConfig, maps: Mapping[str, ModbusMap]) -> GroupCon
     return out
 
 
-def _start(t: _Table) -> int | None:
+def _start(t: TomlTable) -> int | None:
     v = t.raw("start", "now")
     tz = t.data.get("timezone", "Asia/Shanghai")
     if v == "now":
@@ -552,7 +425,7 @@ def _start(t: _Table) -> int | None:
 
 def parse_config(doc: Mapping[str, Any], source: str = "<config>", base_dir: Path | None = None) -> FieldConfig:
     """Validate a parsed TOML document into a FieldConfig; UserError names file, key, reason."""
-    top = _Table(doc, source, "")
+    top = TomlTable(doc, source, "", "docs/field.md")
     base = base_dir or Path.cwd()
     f = top.sub("field")
     tz = f.string("timezone", "Asia/Shanghai")
@@ -657,7 +530,7 @@ def parse_config(doc: Mapping[str, Any], source: str = "<config>", base_dir: Pat
     )
 
 
-def _plan_key(t: _Table, k: str, default: str) -> str:
+def _plan_key(t: TomlTable, k: str, default: str) -> str:
     v = t.string(k, default)
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,32}", v):
         raise t.fail(k, f"{v!r}: a plan name is 1-32 of A-Z a-z 0-9 . _ -")
