@@ -195,6 +195,12 @@ def tier_addon(tiers: np.ndarray, first: int, count: int, used: int, d_total: in
 
 
 @njit(**NJIT)
+def _tier_addon(tiers: np.ndarray, first: int, count: int, used: int, d_total: int) -> int:
+    """`tier_addon` for a reading that reaches past the period's first block (not inlined)."""
+    return tier_addon(tiers, first, count, used, d_total)
+
+
+@njit(**NJIT)
 def _first_reading(
     hot: np.ndarray,
     plans: np.ndarray,
@@ -329,7 +335,11 @@ def bill_reading(
         charge = flat + use_tou * (tou - flat)
         n_tiers = plans[p, P_NTIERS]
         if n_tiers > 0:
-            charge += tier_addon(tiers, plans[p, P_TIER0], n_tiers, used, d0)
+            j = plans[p, P_TIER0]
+            if used + d0 <= tiers[j, T_UPTO]:  # all of it inside the first block: one product
+                charge += d0 * tiers[j, T_ADD]
+            else:
+                charge += _tier_addon(tiers, j, n_tiers, used, d0)
         r.balance -= charge
         r.charged += charge
     r.used = used + d0
@@ -554,14 +564,19 @@ def apply_readings(
     for i in range(n):
         if i + PREFETCH < n:
             _prefetch(hot, slot[i + PREFETCH])  # type: ignore[call-arg]
-        s = slot[i]
+        # Slots are 0 .. n_meters-1: unsigned, so indexing skips the negative-index wraparound.
+        s = np.uint64(slot[i])
+        t = ts[i]
         o, c, a, _b = bill_reading(
-            hot, cold, plans, tiers, zone, clock, s, ts[i], total[i], t1[i], t2[i], t3[i], t4[i]
+            hot, cold, plans, tiers, zone, clock, s, t, total[i], t1[i], t2[i], t3[i], t4[i]
         )
+        # Decide before writing the outputs: numba cannot tell that the output arrays do not
+        # alias the meter record, so a store to them first would force decide to reload it.
+        act = decide(hot, cold, plans, zone, window, holidays, online, clock, s, t)
         charge[i] = c
         outcome[i] = o
         detail[i] = a
-        action[i] = decide(hot, cold, plans, zone, window, holidays, online, clock, s, ts[i])
+        action[i] = act
 
 
 @njit(**NJIT)

@@ -54,6 +54,7 @@ from meterstream.collectors.dlt645.messages import (
     encode_read_address,
     encode_read_followup,
     encode_read_reply,
+    encode_reads,
     encode_time_set,
     encode_write,
 )
@@ -119,6 +120,7 @@ __all__ = [
     "encode_read_address",
     "encode_read_followup",
     "encode_read_reply",
+    "encode_reads",
     "encode_time_set",
     "encode_value",
     "encode_write",
