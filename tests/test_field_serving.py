@@ -255,3 +255,24 @@ def test_fast_value_encoder_clamps_out_of_range_values() -> None:
     reg = next(it for it in items(2007) if it.di == 0x00010000)
     assert value_encoder(reg)((-5,)) == encode_value(reg, (0,))
     assert np.iinfo(np.int64).max > item.max_value
+
+
+def test_dead_meters_never_answer_and_change_nothing_else() -> None:
+    """share_dead takes meters off the bus; the rest of the fleet is as without it."""
+    doc = tomllib.loads(CONFIG.read_text())
+    alive = Field(parse_config(doc, str(CONFIG), CONFIG.parent))
+    for group in doc["terminals"]:
+        if group["kind"] == "concentrator":
+            group["share_dead"] = 0.5
+    dead = Field(parse_config(doc, str(CONFIG), CONFIG.parent))
+    a, b = alive.fleet, dead.fleet
+    assert not a.dead.any() and b.dead.any()
+    assert (a.address == b.address).all() and (a.balance_cents == b.balance_cents).all()
+    assert (a.protocol == b.protocol).all() and (a.prepaid == b.prepaid).all()
+    spec = next(t for t in b.terminals if t.kind == "concentrator")
+    port: Dlt645Port = dead.terminals[spec.id].port  # type: ignore[union-attr]
+    for i in spec.meters.tolist():
+        proto = 1997 if b.protocol[i] == P1997 else 2007
+        di = 0x9010 if proto == 1997 else 0x0001FF00
+        (frame,) = FrameReader().feed(encode_read(b.address_of(i), di, protocol=proto))
+        assert (port.handle(frame) is None) == bool(b.dead[i])

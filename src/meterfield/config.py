@@ -86,6 +86,7 @@ class GroupConfig:
     share_money: float
     share_energy: float
     share_protected: float
+    share_dead: float
     plan: str
     balance_cents: tuple[int, int]
     modbus_map: tuple[str, ...]
@@ -383,6 +384,7 @@ def _group(t: TomlTable, bus: BusConfig, maps: Mapping[str, ModbusMap]) -> Group
         share_money=t.share("share_money", 0.0),
         share_energy=t.share("share_energy", 0.0),
         share_protected=t.share("share_protected", 0.0),
+        share_dead=t.share("share_dead", 0.0),
         plan=_plan_key(t, "plan", default_plan),
         balance_cents=(bmin, bmax),
         modbus_map=tuple(map_names),

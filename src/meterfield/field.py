@@ -273,6 +273,7 @@ class Field:
             "terminals_up": sum(1 for t in self.terminals.values() if t.up),
             "terminals": len(self.terminals),
             "meters": self.fleet.n,
+            "dead": int(self.fleet.dead.sum()),
             "requests": sum(t.requests for t in dlt) + s.modbus_requests,
             "replies": sum(t.replies for t in dlt),
             "dropped": s.dropped,

@@ -71,6 +71,7 @@ class Fleet:
     unit: np.ndarray  # int16 Modbus unit id (0 for DL/T 645 meters)
     modbus_map: np.ndarray  # int8 index into map_names (-1 for DL/T 645 meters)
     map_names: tuple[str, ...]
+    dead: np.ndarray  # bool: a DL/T 645 meter that never answers (share_dead)
 
     @property
     def n(self) -> int:
@@ -256,6 +257,12 @@ def generate_fleet(cfg: FieldConfig) -> Fleet:
         unit = np.concatenate([unit, s_unit])
         mmap = np.concatenate([mmap, s_map])
 
+    # dead meters from their own stream, so adding share_dead changes nothing else of a fleet
+    dead = np.zeros(terminal.shape[0], bool)
+    share_dead = per_group([g.share_dead for g in groups])
+    dead[:n_cust] = (np.random.default_rng([cfg.seed, 0xDEAD]).random(n_cust) < share_dead) & (
+        protocol[:n_cust] != PMODBUS)
+
     order = np.argsort(terminal, kind="stable")
     bounds = np.searchsorted(terminal[order], np.arange(len(terminals) + 1))
     for t in terminals:
@@ -265,4 +272,5 @@ def generate_fleet(cfg: FieldConfig) -> Fleet:
         terminal=terminal.astype(np.int32), area=area.astype(np.int32), meter_class=cls,
         plan=plan, protected=protected, balance_cents=balance, role=role, protocol=protocol,
         prepaid=prepaid, unit=unit, modbus_map=mmap, map_names=map_names or ("sdm630",),
+        dead=dead,
     )

@@ -103,7 +103,8 @@ class Dlt645Port:
         self.password_level = mc.password_level
         self.password = mc.password
         self.unknown_di_error = mc.unknown_di_error
-        rows = [int(i) for i in meters if fleet.protocol[i] in (P2007, P1997)]
+        # a dead meter (share_dead) is not on the bus: nothing ever answers its address
+        rows = [int(i) for i in meters if fleet.protocol[i] in (P2007, P1997) and not fleet.dead[i]]
         self.rows = np.asarray(rows, np.int64)
         self.by_address: dict[str, int] = {fleet.address_of(i): i for i in rows}
         self.address = {i: a for a, i in self.by_address.items()}

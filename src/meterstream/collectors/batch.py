@@ -211,3 +211,5 @@ class SessionStats:
     downs: int = 0
     meters_ok: int = 0  # meter rows of the last cycle with outcome ok
     meters_read: int = 0  # meter rows of the last cycle
+    rows: int = 0  # meter rows of every cycle so far
+    rows_ok: int = 0  # ... with outcome ok

@@ -188,7 +188,8 @@ class Collector:
         return result
 
     def summary(self) -> dict[str, Any]:
-        """Terminals online, reads of the last cycles, success rate (meters ok / meters read)."""
+        """Terminals online, counters since start, and the success rate of the last cycle of
+        each terminal (meters read ok / meters read)."""
         online = sum(1 for s in self.sessions.values() if s.online)
         read = sum(s.stats.meters_read for s in self.sessions.values())
         ok = sum(s.stats.meters_ok for s in self.sessions.values())
@@ -199,5 +200,7 @@ class Collector:
             "reads_failed": sum(s.stats.reads_failed for s in self.sessions.values()),
             "cycles": sum(s.stats.cycles for s in self.sessions.values()),
             "meters_read": read, "meters_ok": ok,
+            "rows": sum(s.stats.rows for s in self.sessions.values()),
+            "rows_ok": sum(s.stats.rows_ok for s in self.sessions.values()),
             "success_rate": (ok / read) if read else None,
         }

@@ -265,11 +265,13 @@ class ModbusSession:
             self._lost.set_result("stopped")  # a cycle still reading returns at once
 
     async def run_cycle(self) -> ReadingBatch:
-        """One cycle now; returns the batch (the scheduled cycles hand it to sink.batch()).
-
-        Without start() (a one-shot read) it connects first if it must."""
+        """One cycle now (after a running one): its batch goes to sink.batch() and is returned,
+        as for a scheduled cycle. Without start() (a one-shot read) it connects first if it
+        must."""
         async with self._cycle_lock:
-            return await self._cycle()
+            batch = await self._cycle()
+        self.sink.batch(batch)
+        return batch
 
     async def execute(self, command: Command) -> CommandResult:
         """Refused: Modbus meters have no relay control (PROTOCOL.md)."""
@@ -533,7 +535,7 @@ class ModbusSession:
         due = loop.time() + self.phase_s
         while True:
             await asyncio.sleep(max(0.0, due - loop.time()))
-            self.sink.batch(await self.run_cycle())
+            await self.run_cycle()
             cycle_s = self.cfg.poll_for(self.plan.id).cycle_s
             due += cycle_s
             now = loop.time()

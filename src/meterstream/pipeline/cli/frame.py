@@ -130,7 +130,7 @@ def _decode(args: argparse.Namespace) -> int:
         raise UserError(f"no frame found in {len(raw)} bytes (a frame starts with 68)")
     if len(frames) > 1:
         raise UserError(f"{len(frames)} frames found; decode them one at a time")
-    print(json.dumps(_describe(frames[0]), ensure_ascii=False, indent=2))
+    print(json.dumps(describe_frame(frames[0]), ensure_ascii=False, indent=2))
     return 0
 
 
@@ -142,7 +142,7 @@ _ERROR_HINTS = {
 }
 
 
-def _describe(frame: Frame) -> dict[str, Any]:
+def describe_frame(frame: Frame) -> dict[str, Any]:
     """A frame as a JSON-ready dict: header flags, then the decoded message."""
     from meterstream.collectors.dlt645 import FUNCTION_NAMES, decode_reply, decode_request
 
@@ -265,7 +265,7 @@ def _print_frame(frame: bytes) -> int:
     return 0
 
 
-def _address(text: str, where: str = "--meter") -> str:
+def parse_address(text: str, where: str = "--meter") -> str:
     from meterstream.collectors.dlt645 import BROADCAST, CodecError, address_to_wire
 
     if text.lower() == "broadcast":
@@ -295,22 +295,27 @@ def _preamble(args: argparse.Namespace) -> int:
     return int(args.preamble)
 
 
+def parse_di(text: str, protocol: int, where: str = "--di") -> int:
+    """A DI as hex: 8 digits for 2007, 4 for 1997 (an 0x prefix is fine)."""
+    digits = 8 if protocol == 2007 else 4
+    hexd = text[2:] if text[:2].lower() == "0x" else text
+    try:
+        if len(hexd) != digits:
+            raise ValueError
+        return int(hexd, 16)
+    except ValueError:
+        raise UserError(
+            f"a {protocol} DI is {digits} hex digits (e.g. "
+            f"{'0001FF00' if digits == 8 else '9010'}), got {text!r}",
+            where=where,
+        ) from None
+
+
 def _build_read(args: argparse.Namespace) -> int:
     from meterstream.collectors.dlt645 import encode_read
 
-    digits = 8 if args.protocol == 2007 else 4
-    text = args.di[2:] if args.di[:2].lower() == "0x" else args.di
-    try:
-        if len(text) != digits:
-            raise ValueError
-        di = int(text, 16)
-    except ValueError:
-        raise UserError(
-            f"a {args.protocol} DI is {digits} hex digits (e.g. "
-            f"{'0001FF00' if digits == 8 else '9010'}), got {args.di!r}",
-            where="--di",
-        ) from None
-    address = _address(args.meter)
+    di = parse_di(args.di, args.protocol)
+    address = parse_address(args.meter)
     if address == "999999999999":
         raise UserError(
             "meters never answer the broadcast address; give one meter", where="--meter"
@@ -328,7 +333,7 @@ def _build_time_set(args: argparse.Namespace) -> int:
     from meterstream.collectors.dlt645 import encode_time_set
 
     when = _datetime(args.at, "--at") if args.at else datetime.now().replace(microsecond=0)
-    return _print_frame(encode_time_set(_address(args.meter), when, preamble=_preamble(args)))
+    return _print_frame(encode_time_set(parse_address(args.meter), when, preamble=_preamble(args)))
 
 
 def _build_control(args: argparse.Namespace) -> int:
@@ -341,7 +346,7 @@ def _build_control(args: argparse.Namespace) -> int:
         encode_control,
     )
 
-    address = _address(args.meter)
+    address = parse_address(args.meter)
     if address in (BROADCAST, WILDCARD) or address.upper() == WILDCARD:
         raise UserError("a control command goes to one meter, not to all", where="--meter")
     if not 0 <= args.password_level <= 0xFF:
