@@ -223,10 +223,8 @@ def main() -> None:
     base_in_cache = median_rate(
         lambda: baseline(small, total[m:], acc_small), n, repeats=args.repeats
     )  # type: ignore[index]
-    del small
     acc64 = np.zeros((m, 8), np.int64)
     base_64 = median_rate(lambda: baseline(slot[m:], total[m:], acc64), n, repeats=args.repeats)  # type: ignore[index]
-    del acc64
 
     # The reference on the first readings of the second cycle, its meters baselined by the first.
     import reference_billing as ref
