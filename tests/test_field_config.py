@@ -185,3 +185,17 @@ def test_sim_command_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
     assert p.returncode == 2
     assert err.strip().count("\n") == 0
     assert "bad.toml" in err and "meters.relay_delay_s" in err and "below the minimum" in err
+
+
+def test_count_deals_terminals_over_the_areas() -> None:
+    """`count` instead of `per_area`: that many terminals in all, dealt over the areas in turn."""
+    from meterfield.fleet import generate_fleet
+
+    doc = {"areas": {"count": 4, "supply_meter": False}, "terminals": [
+        {"kind": "serial-server", "count": 6, "meters": 1, "class": "public"},
+        {"kind": "concentrator", "per_area": 1, "meters": 3}]}
+    fleet = generate_fleet(parse_config(doc))
+    servers = [t.id for t in fleet.terminals if t.kind == "serial-server"]
+    assert servers == ["A001-S001", "A001-S002", "A002-S001", "A002-S002", "A003-S001",
+                       "A004-S001"]
+    assert fleet.n == 6 + 4 * 3

@@ -76,7 +76,8 @@ class BusConfig:
 
 @dataclass(frozen=True)
 class GroupConfig:
-    """[[terminals]]: `per_area` terminals of one kind in every area, `meters` behind each."""
+    """[[terminals]]: `per_area` terminals of one kind in every area (or `count` of them dealt
+    over the areas in turn), `meters` behind each."""
 
     kind: str
     per_area: int
@@ -94,9 +95,17 @@ class GroupConfig:
     heartbeat_s: float
     bus: BusConfig
 
+    count: int | None = None  # total over the field, instead of per_area
+
     @property
     def mode(self) -> str:
         return KIND_MODE[self.kind]
+
+    def in_area(self, a: int, n_areas: int) -> int:
+        """Terminals of this group in area a (0-based) of n_areas."""
+        if self.count is None:
+            return self.per_area
+        return self.count // n_areas + (1 if a < self.count % n_areas else 0)
 
 
 @dataclass(frozen=True)
@@ -378,6 +387,7 @@ def _group(t: TomlTable, bus: BusConfig, maps: Mapping[str, ModbusMap]) -> Group
     out = GroupConfig(
         kind=kind,
         per_area=t.integer("per_area", 1, 0, 999),
+        count=t.integer("count", 0, 0, 999_999) if t.has("count") else None,
         meters=t.integer("meters", 8, 1, meters_max),
         meter_class=cls,
         share_1997=t.share("share_1997", 0.0),
@@ -507,10 +517,11 @@ def parse_config(doc: Mapping[str, Any], source: str = "<config>", base_dir: Pat
     )
     r.finish()
     top.finish()
-    n_meters = sum(len(areas) * g.per_area * g.meters for g in groups)
+    n_meters = sum(sum(g.in_area(a, len(areas)) for a in range(len(areas))) * g.meters
+                   for g in groups)
     if n_meters == 0:
         raise UserError("terminals: the groups describe no meters at all", where=source)
-    if sum(g.per_area for g in groups) > 999:
+    if sum(g.in_area(0, len(areas)) for g in groups) > 999:
         raise UserError("terminals: at most 999 terminals per area (the address has 3 digits for it)",
                         where=source)
     return FieldConfig(

@@ -161,7 +161,7 @@ def generate_fleet(cfg: FieldConfig) -> Fleet:
     for a, _area in enumerate(cfg.areas):
         number = 0
         for g, grp in enumerate(cfg.groups):
-            for _k in range(grp.per_area):
+            for _k in range(grp.in_area(a, len(cfg.areas))):
                 number += 1
                 letter = KIND_LETTER[grp.kind]
                 tid = f"{cfg.areas[a]}-{letter}{number:03d}"

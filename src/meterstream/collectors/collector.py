@@ -148,7 +148,8 @@ class Collector:
         self._limit: asyncio.Semaphore | None = None
 
     def _session(self, plan: TerminalPlan) -> Any:
-        phase = phase_of(plan.id, self.cfg.poll_for(plan.id).cycle_s)
+        window = self.cfg.stagger_s
+        phase = phase_of(plan.id, self.cfg.poll_for(plan.id).cycle_s if window is None else window)
         if plan.protocol == "modbus":
             from meterstream.collectors.modbus import ModbusSession
 

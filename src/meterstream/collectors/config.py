@@ -70,6 +70,7 @@ class CollectorConfig:
     poll: PollConfig = PollConfig()
     overrides: Mapping[str, PollConfig] = field(default_factory=dict)
     timezone: str = "Asia/Shanghai"
+    stagger_s: float | None = None  # cycle starts spread over this window (None: the cycle)
     connect_timeout_s: float = 5.0
     backoff_s: tuple[float, float] = (1.0, 60.0)
     max_connecting: int = 256
@@ -179,8 +180,9 @@ def parse_collector_config(doc: Mapping[str, Any], source: str = "<config>") -> 
     except (ZoneInfoNotFoundError, ValueError):
         raise c.fail("timezone", f"{tz!r} is not a time zone name (e.g. Asia/Shanghai)") from None
     backoff = c.span("backoff_s", (1.0, 60.0), 0.01, 3600.0)
+    stagger = c.number("stagger_s", poll.cycle_s, 0.0, 86400.0) if c.has("stagger_s") else None
     cfg = CollectorConfig(
-        source=source, poll=poll, timezone=tz,
+        source=source, poll=poll, timezone=tz, stagger_s=stagger,
         connect_timeout_s=c.number("connect_timeout_s", 5.0, 0.1, 120.0),
         backoff_s=backoff, max_connecting=c.integer("max_connecting", 256, 1, 100_000))
     c.finish()

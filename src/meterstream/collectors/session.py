@@ -18,6 +18,7 @@ money, tariffs or Kafka; never logs credentials.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import deque
@@ -27,7 +28,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from meterstream.collectors.archive import P1997, P2007, PMODBUS, TerminalPlan
+from meterstream.collectors.archive import P1997, P2007, TerminalPlan
 from meterstream.collectors.batch import (
     NO_DRIFT,
     NO_VALUE,
@@ -53,8 +54,6 @@ from meterstream.collectors.dlt645 import (
     BROADCAST,
     CONTROL_ERROR_BITS,
     ENERGY_BLOCK_DI,
-    WILDCARD,
-    AbnormalReply,
     Frame,
     FrameReader,
     ReadReply,
@@ -67,6 +66,8 @@ from meterstream.collectors.dlt645 import (
     encode_time_set,
 )
 from meterstream.collectors.sink import Sink
+
+__all__ = ["ControlJob", "Dlt645Session", "Link", "ReadJob"]
 
 STATUS_DI = 0x04000503
 DATE_DI, TIME_DI = 0x04000101, 0x04000102
@@ -368,7 +369,7 @@ class Dlt645Session:
         self.silent = 0
         self.silent_meter = -1
         self.silent_meters = 0
-        self.flood_mark = 0
+        self.unframed = 0  # bytes received since the last chunk that held a valid frame
         # jobs first, then the cycle
         self.jobs: deque[_Job] = deque()
         self.queue: deque[int] = deque()
@@ -399,10 +400,8 @@ class Dlt645Session:
                 h.cancel()
         if self._connector is not None:
             self._connector.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._connector
-            except (asyncio.CancelledError, Exception):
-                pass
         if self.link is not None:
             link, self.link = self.link, None
             link.on_lost = None
@@ -464,7 +463,7 @@ class Dlt645Session:
         link.on_lost = self._on_lost
         self.link = link
         self.reader = FrameReader(strict_checksum=self.poll.strict_checksum)
-        self.flood_mark = 0
+        self.unframed = 0
         self.silent = 0
         self.silent_meters = 0
         self.proven = False
@@ -546,19 +545,22 @@ class Dlt645Session:
         if self.plan.mode == "dial" and b"$" in data:
             data = self._strip_packets(data)
         reader = self.reader
+        discarded = reader.discarded
         items = reader.feed(data)
+        self.stats.discarded += reader.discarded - discarded
+        # Flood rule: bytes that bring no valid frame, counted as received (FE runs included:
+        # the reader skips them without counting them as garbage, but they are a flood too).
+        self.unframed += len(data)
         for item in items:
             if item.__class__ is Frame:
-                self.flood_mark = reader.discarded
+                self.unframed = 0
                 self._on_frame(cast(Frame, item))
             else:
                 self.stats.bad_frames += 1
                 if self.cur != _IDLE:
                     self._fail_current(OUTCOME_BAD_FRAME)
-        if reader.discarded - self.flood_mark > self.poll.flood_bytes:
-            self.stats.discarded += reader.discarded
-            self.disconnect(f"flooded: {reader.discarded - self.flood_mark:,} bytes of garbage "
-                            "without one valid frame")
+        if self.unframed > self.poll.flood_bytes:
+            self.disconnect(f"flooded: {self.unframed:,} bytes without one valid frame")
         elif self.cur == _IDLE and self.link is not None:
             self._next()
 
@@ -622,6 +624,11 @@ class Dlt645Session:
             return
         if self.loop.time() < self.deadline:
             self._timer = self.loop.call_at(self.deadline, self._on_timer)
+            return
+        if self.cur == _JOB and self.cur_job is None:  # a broadcast's settling time is over
+            self.cur = _IDLE
+            if self.link is not None:
+                self._next()
             return
         self.stats.timeouts += 1
         if not self.rx_since_send:
@@ -698,12 +705,17 @@ class Dlt645Session:
     # --- jobs ---------------------------------------------------------------------------------
 
     def _meter_index(self, address: str) -> int:
-        hits = np.flatnonzero(self.plan.address == int(address)) if address.isdigit() else []
-        return int(hits[0]) if len(hits) else -1
+        if not address.isdigit():
+            return -1
+        hits = np.flatnonzero(self.plan.address == int(address))
+        return int(hits[0]) if hits.size else -1
 
     def read(self, address: str, di: int, protocol: int = 2007) -> asyncio.Future[Any]:
         """Queue one read; the future gives (Frame | None, "ok" | "timeout" | ...)."""
         fut: asyncio.Future[Any] = self.loop.create_future()
+        if self.link is None:  # offline: say so now, as a command does (the link may not return)
+            fut.set_result((None, "link down"))
+            return fut
         self.jobs.append(ReadJob(address, di, protocol, self.poll.preamble, self.poll.retries,
                                  fut))
         if self.cur == _IDLE:
@@ -790,12 +802,12 @@ class Dlt645Session:
         self.cycle_no += 1
         self.stats.cycles += 1
         if self.link is None or not self.n:
-            if self.link is None:
-                self._resolve_waiters(ReadingBatch.empty(self.plan.id, self.cycle_no,
-                                                         time.time_ns(), time.time_ns()))
-            else:
-                self.sink.batch(ReadingBatch.empty(self.plan.id, self.cycle_no, time.time_ns(),
-                                                   time.time_ns()))
+            # offline: nothing read (the link events say why); no meters: an empty batch
+            batch = ReadingBatch.empty(self.plan.id, self.cycle_no, time.time_ns(),
+                                       time.time_ns())
+            if self.link is not None:
+                self.sink.batch(batch)
+            self._resolve_waiters(batch)
             return
         self.in_cycle = True
         self.cycle_started = time.time_ns()
@@ -878,17 +890,12 @@ class Dlt645Session:
         local = datetime.now(self.cfg.zone).replace(tzinfo=None, microsecond=0)
         link.transport.write(encode_time_set(BROADCAST, local, preamble=self.poll.preamble))
         self._event("time_set", f"broadcast 08H {local.isoformat()}")
-        self.cur = _JOB  # hold the bus
+        self.cur = _JOB  # hold the bus until the session's one timer says it has settled
         self.cur_job = None
         self.cur_func = -1
-
-        def settled() -> None:
-            if self.cur == _JOB and self.cur_job is None:
-                self.cur = _IDLE
-                if self.link is not None:
-                    self._next()
-
-        self.loop.call_later(min(0.5, self.poll.timeout_s), settled)
+        self.deadline = self.loop.time() + min(0.5, self.poll.timeout_s)
+        if self._timer is None:
+            self._timer = self.loop.call_at(self.deadline, self._on_timer)
 
     def _poll_reply(self, frame: Frame) -> None:
         m = self.cur_m
@@ -923,7 +930,9 @@ class Dlt645Session:
             return
         data = frame.data
         if op == OP_BLOCK:
-            self.c_block[m] = frame
+            # a wrong checksum only reaches here when this terminal is configured lenient
+            # (strict_checksum = false); the batch decoder ignores such frames, so vouch for it
+            self.c_block[m] = frame if frame.checksum_ok else frame._replace(checksum_ok=True)
             self.c_ts[m] = time.time_ns()
         elif op == OP_STATUS:
             if len(data) == 6:
@@ -1022,7 +1031,7 @@ class Dlt645Session:
         have = [i for i, f in enumerate(frames) if f is not None]
         outcome = np.asarray([self.c_outcome[k] for k in rows_k], np.int8)
         if have:
-            values, ok = decode_energy_blocks([frames[i] for i in have])
+            values, ok = decode_energy_blocks([cast(Frame, frames[i]) for i in have])
             sel = np.asarray(have, np.int64)
             registers[sel[ok]] = values[ok]
             outcome[sel[~ok]] = OUTCOME_BAD_FRAME
@@ -1045,6 +1054,8 @@ class Dlt645Session:
         self._demotions(idx, outcome)
         self.stats.meters_read = n
         self.stats.meters_ok = int(np.count_nonzero(outcome == OUTCOME_OK))
+        self.stats.rows += n
+        self.stats.rows_ok += self.stats.meters_ok
         self.sink.batch(batch)
         self._resolve_waiters(batch)
         if self.cycle_pending and self.running:
@@ -1083,7 +1094,3 @@ def _bcd(data: bytes, di_len: int) -> int | None:
         return None
     digits = raw[::-1].hex()
     return int(digits) if digits.isdigit() else None
-
-
-__all__ = ["ControlJob", "Dlt645Session", "Link", "ReadJob", "P2007", "P1997", "PMODBUS",
-           "WILDCARD", "AbnormalReply"]

@@ -338,8 +338,9 @@ def encode_reads(
         raise CodecError(f"preamble must be 0..8 FE bytes, got {preamble}")
     body, body_sum = _READ_BODIES.get((di, protocol)) or _read_body(di, protocol)
     a = np.asarray(addresses, dtype=np.int64)
-    if a.size and (a.min() < 0 or a.max() > 999_999_999_999):
-        raise CodecError("meter addresses must be 0..999999999999")
+    if a.size and (a.min() < 0 or a.max() >= 999_999_999_999):
+        raise CodecError("meter addresses must be 0..999999999998 (999999999999 is the "
+                         "broadcast address, which meters never answer)")
     n = a.shape[0]
     size = preamble + 8 + len(body) + 2
     out = np.empty((n, size), np.uint8)
