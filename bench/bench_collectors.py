@@ -379,8 +379,8 @@ def memory(tmp: Path) -> dict[str, Any]:
 def county(tmp: Path) -> dict[str, Any]:
     archive = str(tmp / "county.csv")
     p, pipe, info = start_field(None, str(COUNTY), archive)
-    cfg = {"collector": {"cycle_s": 900.0, "stagger_s": 2.0, "timeout_s": 1.0, "retries": 1,
-                         "preamble": 2, "clock_every": 0, "silent_after": 3},
+    cfg = {"collector": {"cycle_s": 900.0, "stagger_s": 2.0, "timeout_s": 0.8, "retries": 1,
+                         "preamble": 0, "clock_every": 0, "silent_after": 3},
            "dialin": {"enabled": False}}
     try:
         out = run_collector(archive, cfg, "first", {"timeout_s": 600.0})
@@ -428,7 +428,7 @@ def main() -> None:
         "5-second windows. memory: 10,000 terminals x 100 meters in two field processes, one "
         "collector; RSS once every terminal delivered a cycle. county: config/field-county.toml "
         "(2400-baud pacing, turnaround 0-20 ms, 1 % dead meters, 0.2 % lost and 0.1 % corrupted "
-        "replies), collector timeout 1 s, 1 retry; one cycle of every terminal, started within "
+        "replies), collector timeout 0.8 s, 1 retry, no FE preamble on requests, silent_after 3; one cycle of every terminal, started within "
         "2 s of each other."))
     os.sys.stdout.flush()
 

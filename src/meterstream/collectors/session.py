@@ -377,6 +377,7 @@ class Dlt645Session:
         self.cycle_no = 0
         self.in_cycle = False
         self.cycle_pending = False
+        self.missed_cycle = False
         self._cycle_timer: asyncio.TimerHandle | None = None
         self._next_cycle_at = 0.0
         self._cycle_waiters: list[asyncio.Future[ReadingBatch]] = []
@@ -475,7 +476,12 @@ class Dlt645Session:
         self.down_reported = False
         if was_down:
             self._event("up", detail or f"connected {link.peer}")
-        if self.cur == _IDLE:
+        if self.missed_cycle and not self.in_cycle and self.running:
+            # a cycle fell due while the link was down (or not yet up): catch up now rather
+            # than leave the terminal unread until its next slot
+            self.missed_cycle = False
+            self._begin_cycle()
+        elif self.cur == _IDLE:
             self._next()
 
     def _on_lost(self, link: Link, exc: Exception | None) -> None:
@@ -807,6 +813,8 @@ class Dlt645Session:
                                        time.time_ns())
             if self.link is not None:
                 self.sink.batch(batch)
+            else:
+                self.missed_cycle = True  # read as soon as the link is back
             self._resolve_waiters(batch)
             return
         self.in_cycle = True
