@@ -39,3 +39,9 @@ if [ "$want_test" = 1 ]; then
 else
     .venv/bin/python -m pip install -q -e '.[fast]'
 fi
+
+# Debian packages the tests need, each installed only when missing.
+if [ "$want_test" = 1 ]; then
+    # VictoriaMetrics: a real server of the InfluxDB v2 write API (tests/test_influx.py)
+    [ -x /usr/bin/victoria-metrics ] || apt_install victoria-metrics
+fi

@@ -370,6 +370,7 @@ class Dlt645Session:
         self.silent_meter = -1
         self.silent_meters = 0
         self.unframed = 0  # bytes received since the last chunk that held a valid frame
+        self.packet_tail = b""  # the start of a DTU packet cut by the chunking
         # jobs first, then the cycle
         self.jobs: deque[_Job] = deque()
         self.queue: deque[int] = deque()
@@ -465,6 +466,7 @@ class Dlt645Session:
         self.link = link
         self.reader = FrameReader(strict_checksum=self.poll.strict_checksum)
         self.unframed = 0
+        self.packet_tail = b""
         self.silent = 0
         self.silent_meters = 0
         self.proven = False
@@ -548,8 +550,8 @@ class Dlt645Session:
         self.silent_ks.clear()
         self.last_rx = self.loop.time()
         self.hb_missed = 0
-        if self.plan.mode == "dial" and b"$" in data:
-            data = self._strip_packets(data)
+        if self.plan.mode == "dial" and (self.packet_tail or b"$" in data):
+            data = self._strip_packets(self.packet_tail + data)
         reader = self.reader
         discarded = reader.discarded
         items = reader.feed(data)
@@ -571,16 +573,27 @@ class Dlt645Session:
             self._next()
 
     def _strip_packets(self, data: bytes) -> bytes:
-        """Take DTU packets ($REG / $HB lines) out of the stream between frames."""
+        """Take DTU packets ($REG / $HB lines) out of the stream between frames.
+
+        A packet cut by the chunking is held and prepended to the next chunk, in order, so a
+        24H that was a frame's byte after all loses nothing.
+        """
         out = []
         pos = 0
+        self.packet_tail = b""
         while True:
             i = data.find(b"$", pos)
             if i < 0:
                 break
             j = data.find(b"\n", i)
-            if j < 0 or j - i > 80 or not (data.startswith(b"$HB,", i)
-                                           or data.startswith(b"$REG,", i)):
+            is_packet = data.startswith(b"$HB,", i) or data.startswith(b"$REG,", i)
+            if j < 0 and len(data) - i <= 80 and (
+                    is_packet or b"$HB,".startswith(data[i:i + 4])
+                    or b"$REG,".startswith(data[i:i + 5])):
+                self.packet_tail = data[i:]
+                data = data[:i]
+                break
+            if j < 0 or j - i > 80 or not is_packet:
                 out.append(data[pos:i + 1])
                 pos = i + 1
                 continue
