@@ -105,8 +105,9 @@ def test_poll_a_1997_meter_and_an_unknown_di(field: FieldThread) -> None:
 
 def test_poll_waits_for_a_dtu_to_dial_in() -> None:
     """--listen: the field's DTU dials in (redialling with backoff until the CLI listens)."""
-    port = PortHold().release()
-    with FieldThread(collector_port=port) as ft:
+    hold = PortHold()  # bound until the field's own listeners are up, so they cannot take it
+    with FieldThread(collector_port=hold.port) as ft:
+        port = hold.release()
         meter = ft.meter_of("A001-D003")
         r = cli("poll", "--listen", f"127.0.0.1:{port}", "--meter", meter, "--di", "0001FF00",
                 "--wait", "30")
