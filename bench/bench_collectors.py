@@ -350,7 +350,9 @@ def memory(tmp: Path) -> dict[str, Any]:
             doc = {
                 "field": {"seed": int(prefix), "start": "2024-06-01T08:00:00", "speed": 1.0,
                           "tick_s": 10.0, "address_prefix": prefix},
-                "areas": {"count": 50, "supply_meter": False},
+                # distinct area names, so the two fields' terminal ids differ too
+                "areas": {"names": [f"{'AB'[int(prefix) - 33]}{k:03d}" for k in range(1, 51)],
+                          "supply_meter": False},
                 "bus": {"preamble": 2},
                 "terminals": [{"kind": "concentrator", "per_area": 100, "meters": 100}],
             }
