@@ -10,10 +10,11 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
-
 from collect_helpers import PortHold, make_field
+
 from meterfield.field import Field
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ class FieldThread:
                 self.field.advance(1.0)
         await self.field.stop()
 
-    def __enter__(self) -> FieldThread:
+    def __enter__(self) -> Self:
         self.thread.start()
         assert self.ready.wait(20)
         return self
@@ -65,7 +66,7 @@ class FieldThread:
 
 def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "meterstream", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+                          text=True, timeout=timeout, cwd=ROOT, check=False)
 
 
 @pytest.fixture
