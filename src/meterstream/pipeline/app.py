@@ -1,0 +1,132 @@
+"""The Faust worker: topics in, the kernels' state in a changelog table, commands and events out.
+
+Reads as a list of declarations (STYLE.md, "Streams"): the app, its topics (all keyed by
+terminal: pipeline/topics.py), the state table (one value per terminal: `WorkerCore.state_of`),
+then one short agent per input topic that hands the payload to `WorkerCore` and publishes what
+comes back. No agent reaches into another's state: they share the core, whose per-terminal
+state is loaded from the table the first time this worker sees a terminal after it got the
+partition, and written back after every event (one changelog write per event, not per reading).
+
+Timers: command timeouts and retries (every `tick_s`). Exactly-once is not used (the local
+broker does not support it): every update is idempotent (pipeline/worker.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import faust
+
+from meterstream.pipeline import topics
+from meterstream.pipeline.broker import faust_settings
+from meterstream.pipeline.worker import Out, WorkerCore
+
+log = logging.getLogger("meterstream.worker")
+
+STATE_TABLE = "terminal-state"
+
+
+def _json_in(fn: Callable[[str, Any], list[Out]], terminal: str, value: bytes) -> list[Out]:
+    return fn(terminal, json.loads(value))
+
+
+def _key(k: Any) -> str:
+    return k.decode() if isinstance(k, (bytes, bytearray)) else str(k)
+
+
+class WorkerApp:
+    """One worker process: a Faust app around a WorkerCore."""
+
+    def __init__(self, core: WorkerCore, bootstrap: str, *, datadir: str | Path,
+                 partitions: int = 4, app_id: str = "meterstream-worker", tick_s: float = 1.0,
+                 **overrides: Any) -> None:
+        self.core = core
+        self.loaded: set[str] = set()
+        self.errors = 0
+        settings = {**faust_settings(bootstrap, datadir=datadir, partitions=partitions),
+                    **overrides}
+        app = self.app = faust.App(app_id, **settings)
+        raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
+                               "value_serializer": "raw", "partitions": partitions}
+        self.topic = {t.name: app.topic(t.name, **raw) for t in topics.ALL}
+        # bytes values are stored raw (faust picks the serializer from value_type)
+        self.state = app.Table(STATE_TABLE, key_type=str, value_type=bytes,
+                               partitions=partitions)
+
+        @app.agent(self.topic[topics.READINGS.name])
+        async def readings(stream: faust.StreamT[bytes]) -> None:
+            async for key, value in stream.items():
+                terminal = self._terminal(key)
+                await self._handle(terminal, partial(core.on_batch, value))
+
+        @app.agent(self.topic[topics.PAYMENTS.name])
+        async def payments(stream: faust.StreamT[bytes]) -> None:
+            async for key, value in stream.items():
+                terminal = self._terminal(key)
+                await self._handle(terminal, partial(_json_in, core.on_payment, terminal, value))
+
+        @app.agent(self.topic[topics.LINKS.name])
+        async def links(stream: faust.StreamT[bytes]) -> None:
+            async for key, value in stream.items():
+                terminal = self._terminal(key)
+                await self._handle(terminal, partial(_json_in, core.on_link, terminal, value))
+
+        @app.agent(self.topic[topics.RESULTS.name])
+        async def results(stream: faust.StreamT[bytes]) -> None:
+            async for key, value in stream.items():
+                terminal = self._terminal(key)
+                await self._handle(terminal, partial(_json_in, core.on_result, terminal, value))
+
+        @app.timer(interval=tick_s)
+        async def tick() -> None:
+            # Changes a tick makes (timeouts, retries sent) are written to the table with the
+            # terminal's next event; after a crash the restarted worker re-derives them from
+            # the book's times, at worst sending a retry once more (commands are idempotent).
+            await self._publish(core.tick(sorted(self.loaded)))
+
+        @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+        async def revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
+            # the terminals may move: load them again from the table when seen next
+            self.loaded.clear()
+
+        self._agents = (readings, payments, links, results, tick, revoked)
+
+    def _terminal(self, key: Any) -> str:
+        terminal = _key(key)
+        if terminal not in self.loaded and terminal in self.core.terminal_index:
+            data = self.state.get(terminal)
+            if data:
+                self.core.load_state(terminal, bytes(data))
+            self.loaded.add(terminal)
+        return terminal
+
+    async def _handle(self, terminal: str, work: Callable[[], list[Out]]) -> None:
+        """Run one message through the core, save the terminal's state, publish."""
+        try:
+            out = work()
+        except Exception as exc:  # a message the core cannot take must not stop the worker
+            self.errors += 1
+            log.exception("worker: message for %s failed", terminal)
+            out = [self.core._dead("worker", repr(exc).encode(), f"{type(exc).__name__}: {exc}")]
+        if terminal in self.core.terminal_index:
+            self.state[terminal] = self.core.state_of(terminal)
+        await self._publish(out)
+
+    async def _publish(self, out: list[Out]) -> None:
+        for o in out:
+            await self.topic[o.topic].send(key=o.key.encode(), value=o.value)
+
+    async def start(self) -> None:
+        await self.app.start()
+
+    async def stop(self) -> None:
+        await self.app.stop()
+
+    async def wait_recovered(self, timeout: float = 60.0) -> None:
+        await asyncio.wait_for(self.app.tables.wait_until_recovery_completed(), timeout)

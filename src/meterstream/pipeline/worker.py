@@ -1,0 +1,375 @@
+"""What a worker does with each message, without Faust: the kernels' state of its terminals.
+
+`WorkerCore` holds the billing fleet (every meter of the archive, one block per terminal), the
+collection state (dropouts, KPIs) and one command book per terminal. Each `on_*` method takes
+one message's payload, runs the kernels on arrays, and returns the messages to publish
+(`Out`: topic, key, value). The Faust app (pipeline/app.py) is a thin shell around it: it keeps
+each terminal's `state_of()` in a changelog table and loads it back with `load_state()` when a
+partition moves, so a restarted or rebalanced worker recovers every balance exactly.
+
+Updates are idempotent by construction, so at-least-once delivery changes nothing when a
+message comes twice: a batch not newer than the terminal's last one is skipped, registers
+already billed charge nothing, payment ids are the ledger's keys, command results are matched
+by command id and attempt. No float touches money; no I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meterstream.collectors.batch import OUTCOME_OK, CollectorEvent, ReadingBatch
+from meterstream.errors import UserError
+from meterstream.kernels import billing as K
+from meterstream.kernels.billing import Billing
+from meterstream.kernels.layout import PaymentIdConflict, from_bytes, to_bytes
+from meterstream.pipeline import topics
+from meterstream.pipeline.commands import (
+    CUTOFF,
+    MANUAL_ACTIONS,
+    RECONNECT,
+    CommandBook,
+    CommandPolicy,
+)
+from meterstream.pipeline.tariffs import compile_spec, load_tariffs
+
+STATE_MAGIC = b"MSW1"
+_STATE_HEAD = struct.Struct("<4sqII")  # magic, last batch started_ns, len(block), len(book)
+
+
+@dataclass(frozen=True)
+class Out:
+    """One message to publish."""
+
+    topic: str
+    key: str
+    value: bytes
+
+
+def _iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds")
+
+
+def _yuan(micro: int) -> str:
+    sign = "-" if micro < 0 else ""
+    m = abs(micro)
+    return f"{sign}{m // 1_000_000}.{m % 1_000_000:06d}"
+
+
+def _event(kind: str, terminal: str, ts_ns: int, meter: str | None = None,
+           **detail: Any) -> Out:
+    doc: dict[str, Any] = {"type": "event", "kind": kind, "terminal": terminal, "ts": _iso(ts_ns)}
+    if meter is not None:
+        doc["meter"] = meter
+    doc.update(detail)
+    return Out(topics.EVENTS.name, terminal, json.dumps(doc, ensure_ascii=False).encode())
+
+
+@dataclass
+class ArchiveMeters:
+    """The billing archive as the worker needs it (meters in slot order)."""
+
+    addresses: list[str]
+    slot_of: dict[int, int]  # address as a number -> slot
+    area: list[str]  # per slot
+    klass: list[str]  # per slot
+    terminal_ids: list[str]
+    terminal_index: dict[str, int] = field(default_factory=dict)
+
+
+class WorkerCore:
+    """Billing, control decisions, commands and collection KPIs of a set of terminals."""
+
+    def __init__(self, archive_path: str | Path, tariffs_path: str | Path, *,
+                 policy: CommandPolicy | None = None,
+                 now: Callable[[], int] = time.time_ns) -> None:
+        from meterstream.pipeline.replay import Rejected, read_archive
+
+        spec = load_tariffs(tariffs_path)
+        self.tariff = compile_spec(spec)
+        rejected = Rejected()
+        archive = read_archive(Path(archive_path), spec, self.tariff, rejected)
+        if rejected.rows:
+            file, line, reason = rejected.rows[0]
+            raise UserError(f"{reason} ({len(rejected.rows)} bad row(s) in all; the worker "
+                            "starts only from a clean archive)", where=f"{file}:{line}")
+        self.fleet = archive.fleet
+        self.billing = Billing(self.fleet, self.tariff)
+        self.policy = policy or CommandPolicy()
+        self.now = now
+        self.addresses = [f"{int(a):012d}" for a in self.fleet.cold["address"]]
+        self.slot_of = {int(a): s for s, a in enumerate(self.fleet.cold["address"].tolist())}
+        self.terminal_index = {t: i for i, t in enumerate(self.fleet.terminal_ids)}
+        self.books: dict[str, CommandBook] = {}
+        self.last_batch: dict[str, int] = {}
+        self.counters = {"batches": 0, "readings": 0, "replayed_batches": 0, "payments": 0,
+                         "duplicate_payments": 0, "results": 0, "stale_results": 0,
+                         "unknown": 0, "commands_sent": 0}
+
+    # --- state per terminal -------------------------------------------------------------------
+
+    def book(self, terminal: str) -> CommandBook:
+        b = self.books.get(terminal)
+        if b is None:
+            b = self.books[terminal] = CommandBook(terminal, self.policy)
+        return b
+
+    def state_of(self, terminal: str) -> bytes:
+        """The terminal's whole state: billing block (with its payment ledger), command book,
+        and the last batch applied."""
+        t = self.terminal_index[terminal]
+        block = to_bytes(self.fleet, t)
+        book = self.book(terminal).to_bytes()
+        head = _STATE_HEAD.pack(STATE_MAGIC, self.last_batch.get(terminal, 0), len(block),
+                                len(book))
+        return head + block + book
+
+    def load_state(self, terminal: str, data: bytes) -> None:
+        """Put back what `state_of` wrote (ValueError for a damaged or foreign block)."""
+        t = self.terminal_index.get(terminal)
+        if t is None:
+            raise ValueError(f"terminal {terminal} is not in this worker's archive")
+        if len(data) < _STATE_HEAD.size:
+            raise ValueError("worker state too short")
+        magic, last, n_block, n_book = _STATE_HEAD.unpack_from(data)
+        if magic != STATE_MAGIC or len(data) != _STATE_HEAD.size + n_block + n_book:
+            raise ValueError("not a worker state record")
+        pos = _STATE_HEAD.size
+        from_bytes(self.fleet, t, data[pos:pos + n_block])
+        self.books[terminal] = CommandBook.from_bytes(data[pos + n_block:], self.policy)
+        self.last_batch[terminal] = last
+
+    # --- messages in --------------------------------------------------------------------------
+
+    def on_batch(self, value: bytes) -> list[Out]:
+        """A reading batch from a collector: bill the ok readings, decide, send commands."""
+        try:
+            batch = ReadingBatch.from_bytes(value)
+        except ValueError as exc:
+            return [self._dead("readings", value, str(exc))]
+        terminal = batch.terminal
+        if terminal not in self.terminal_index:
+            self.counters["unknown"] += 1
+            return [self._dead("readings", value, f"terminal {terminal!r} is not in the archive")]
+        if batch.started_ns <= self.last_batch.get(terminal, 0):
+            self.counters["replayed_batches"] += 1
+            return []
+        self.last_batch[terminal] = batch.started_ns
+        self.counters["batches"] += 1
+        ok = (batch.outcome == OUTCOME_OK) & (batch.registers[:, 0] >= 0)
+        meters = batch.meter[ok]
+        slots = np.fromiter((self.slot_of.get(int(m), -1) for m in meters), np.int64,
+                            meters.shape[0])
+        out: list[Out] = []
+        known = slots >= 0
+        t_idx = self.terminal_index[terminal]
+        block = self.fleet.block(t_idx)
+        mine = known & (slots >= block.start) & (slots < block.stop)
+        for m in meters[~mine].tolist():
+            out.append(_event("unknown_meter", terminal, batch.ended_ns, f"{int(m):012d}",
+                              detail="not behind this terminal in the archive"))
+        regs = batch.registers[ok][mine]
+        slots = slots[mine]
+        ts = batch.ts[ok][mine]
+        self.counters["readings"] += int(slots.shape[0])
+        if slots.shape[0]:
+            tou = np.where(regs[:, 1:] < 0, 0, regs[:, 1:])  # a 1997 meter: total only
+            _charge, outcome, detail, action = self.billing.apply_readings(
+                slots, ts, np.ascontiguousarray(regs[:, 0]), *(np.ascontiguousarray(tou[:, k])
+                                                               for k in range(4)))
+            hit = np.flatnonzero((outcome == K.OUT_BACKWARDS) | (outcome == K.OUT_IMPLAUSIBLE)
+                                 | ((outcome == K.OUT_ACCEPTED) & (detail != 0)) | (action != 0))
+            for i in hit.tolist():
+                out.extend(self._reading_events(terminal, int(slots[i]), int(ts[i]),
+                                                int(outcome[i]), int(detail[i]),
+                                                int(action[i])))
+        out.extend(self._dispatch(terminal))
+        return out
+
+    def _reading_events(self, terminal: str, s: int, ts: int, outcome: int, detail: int,
+                        act: int) -> list[Out]:
+        meter = self.addresses[s]
+        out: list[Out] = []
+        if outcome == K.OUT_ACCEPTED and detail:
+            out.append(_event("rollover", terminal, ts, meter, registers=detail))
+        elif outcome == K.OUT_BACKWARDS:
+            out.append(_event("backwards", terminal, ts, meter, registers=detail))
+        elif outcome == K.OUT_IMPLAUSIBLE:
+            out.append(_event("implausible", terminal, ts, meter, d_total_centikwh=detail))
+        out.extend(self._decisions(terminal, s, ts, act, cause_ns=ts))
+        return out
+
+    def _decisions(self, terminal: str, s: int, ts: int, act: int, *, cause_ns: int,
+                   why: str = "") -> list[Out]:
+        meter = self.addresses[s]
+        balance = int(self.fleet.hot["balance"][s])
+        out: list[Out] = []
+        for bit, kind in ((K.ACT_ALERT1, "alert1"), (K.ACT_ALERT2, "alert2")):
+            if act & bit:
+                out.append(_event(kind, terminal, ts, meter, balance=_yuan(balance)))
+        if act & K.ACT_HELD:
+            reason = K.HOLD_NAMES.get(act >> K.HELD_SHIFT & 7, "?")
+            out.append(_event("cutoff_held", terminal, ts, meter, reason=reason,
+                              balance=_yuan(balance)))
+        book = self.book(terminal)
+        now = self.now()
+        if act & K.ACT_CUTOFF:
+            book.issue(meter, CUTOFF, f"balance {_yuan(balance)} below the cut-off threshold",
+                       now, cause_ns=cause_ns)
+        if act & K.ACT_RECONNECT:
+            book.issue(meter, RECONNECT, why or f"balance {_yuan(balance)} at or above the "
+                       "reconnect threshold", now, cause_ns=cause_ns)
+        return out
+
+    def on_payment(self, terminal: str, payment: dict[str, Any]) -> list[Out]:
+        """A validated payment routed to this terminal (pipeline/payments.py's JSON)."""
+        s = self.slot_of.get(int(payment["meter"]), -1)
+        ts = int(payment["ts_ns"])
+        if s < 0 or self.fleet.terminal_ids[int(self.fleet.cold["terminal"][s])] != terminal:
+            return [self._dead("payments", json.dumps(payment).encode(),
+                               f"meter {payment['meter']} is not behind terminal {terminal}")]
+        status = K.STATUS_NAMES[payment["status"]]
+        try:
+            result, action = self.billing.apply_payments(
+                np.array([s], np.int64), np.array([ts], np.int64), [payment["payment_id"]],
+                np.array([int(payment["amount_microyuan"])], np.int64),
+                np.array([status], np.int8))
+        except PaymentIdConflict as exc:
+            return [self._dead("payments", json.dumps(payment).encode(), str(exc))]
+        self.counters["payments"] += 1
+        res, act = int(result[0]), int(action[0])
+        meter = self.addresses[s]
+        pid = payment["payment_id"]
+        out: list[Out] = []
+        names = {K.PAY_APPLIED: "payment_applied", K.PAY_DUPLICATE: "duplicate_payment",
+                 K.PAY_HOLD: "withholding_pending", K.PAY_FAILED: "payment_failed",
+                 K.PAY_IGNORED: "payment_repeated"}
+        if res == K.PAY_DUPLICATE:
+            self.counters["duplicate_payments"] += 1
+        out.append(_event(names.get(res, "payment"), terminal, ts, meter, payment_id=pid,
+                          amount=_yuan(int(payment["amount_microyuan"])),
+                          balance=_yuan(int(self.fleet.hot["balance"][s]))))
+        if res == K.PAY_APPLIED:
+            plan = int(self.fleet.hot["plan"][s])
+            if int(self.fleet.hot["balance"][s]) >= int(self.tariff.plans[plan, K.P_RECONNECT]):
+                # a queued cut-off the payment makes unnecessary is cancelled, never sent
+                self.book(terminal).cancel_cutoffs(meter, f"payment {pid} lifted the balance",
+                                                   self.now())
+        out.extend(self._decisions(terminal, s, ts, act, cause_ns=ts,
+                                   why=f"payment {pid}"))
+        out.extend(self._dispatch(terminal))
+        return out
+
+    def on_link(self, terminal: str, event: dict[str, Any]) -> list[Out]:
+        """A collector's link event: the terminal's online flag (cut-offs wait while offline)."""
+        t = self.terminal_index.get(terminal)
+        if t is None:
+            return []
+        kind = event.get("kind")
+        if kind == "up":
+            self.fleet.terminal_online[t] = 1
+            return self._dispatch(terminal)
+        if kind == "down":
+            self.fleet.terminal_online[t] = 0
+        return []
+
+    def on_result(self, terminal: str, result: dict[str, Any]) -> list[Out]:
+        """A collector's CommandResult (its JSON)."""
+        if terminal not in self.terminal_index:
+            return []
+        self.counters["results"] += 1
+
+        def ns(text: str | None) -> int | None:
+            if not text:
+                return None
+            return int(datetime.fromisoformat(text).timestamp() * 1e9)
+
+        changed = self.book(terminal).on_result(
+            result["id"], result["outcome"], result.get("detail", ""), ns(result.get("acknowledged")),
+            ns(result.get("done")),
+            int(result["status"]["word"], 16) if result.get("status") else None,
+            sent=result.get("sent") is not None or result["outcome"] != "unconfirmed")
+        if not changed:
+            self.counters["stale_results"] += 1
+        return self._dispatch(terminal)
+
+    def manual(self, terminal: str, meter: str, action: str, who: str, why: str) -> list[Out]:
+        """An operator's command (dashboard / API): through the same book and audit trail."""
+        if action not in MANUAL_ACTIONS:
+            raise UserError(f"unknown action {action!r}: one of {', '.join(MANUAL_ACTIONS)}")
+        self.book(terminal).issue(meter, action, why, self.now(), who)
+        return self._dispatch(terminal)
+
+    def tick(self, terminals: Iterable[str]) -> list[Out]:
+        """Timers: commands without a result in time count as unconfirmed; retries fall due."""
+        now = self.now()
+        out: list[Out] = []
+        for terminal in terminals:
+            if terminal in self.books:
+                self.books[terminal].on_timeout(now)
+                out.extend(self._dispatch(terminal))
+        return out
+
+    # --- messages out -------------------------------------------------------------------------
+
+    def _dispatch(self, terminal: str) -> list[Out]:
+        """Commands due now, then the book's audit records and work orders."""
+        book = self.book(terminal)
+        now = self.now()
+        online = bool(self.fleet.terminal_online[self.terminal_index[terminal]])
+        out: list[Out] = []
+        for c in book.due(now, online):
+            wire = c.to_wire()
+            book.on_sent(c.id, now)
+            self.counters["commands_sent"] += 1
+            doc = {"id": wire.id, "terminal": terminal, "meter": wire.meter,
+                   "action": wire.action, "reason": wire.reason, "who": c.who}
+            out.append(Out(topics.COMMANDS.name, terminal, json.dumps(doc).encode()))
+        for rec in book.drain_audit():
+            out.append(Out(topics.EVENTS.name, terminal, rec.to_json().encode()))
+        for wo in book.drain_events():
+            out.append(Out(topics.EVENTS.name, terminal, wo.to_json().encode()))
+        return out
+
+    def _dead(self, source: str, raw: bytes, reason: str) -> Out:
+        doc = {"reason": reason, "source": source, "ts": _iso(self.now()),
+               "raw": raw.decode("utf-8", "replace")[:4096]}
+        return Out(topics.DEAD_LETTER.name, source, json.dumps(doc).encode())
+
+    # --- views for the API --------------------------------------------------------------------
+
+    def meter_view(self, address: str) -> dict[str, Any] | None:
+        s = self.slot_of.get(int(address), -1) if address.isdigit() else -1
+        if s < 0:
+            return None
+        hot, cold = self.fleet.hot[s], self.fleet.cold[s]
+        terminal = self.fleet.terminal_ids[int(cold["terminal"])]
+        return {"meter": address, "terminal": terminal, "balance": _yuan(int(hot["balance"])),
+                "charged": _yuan(int(hot["charged"])), "paid": _yuan(int(cold["paid"])),
+                "relay": "open" if hot["relay_open"] else "closed",
+                "registers_centikwh": [int(hot[k]) for k in ("base_total", "base_t1", "base_t2",
+                                                              "base_t3", "base_t4")],
+                "last_reading": _iso(int(hot["last_ts"])) if hot["has_baseline"] else None,
+                "commands": [c.to_dict() for c in self.book(terminal).open_commands()
+                             if c.meter == address]}
+
+    def balances_micro(self) -> int:
+        """Sum of balances, micro-yuan (the money invariant's right-hand side)."""
+        return int(self.fleet.hot["balance"].sum())
+
+
+def event_from_json(value: bytes) -> dict[str, Any]:
+    """A LINKS message (CollectorEvent.to_json) as a dict."""
+    doc: dict[str, Any] = json.loads(value)
+    return doc
+
+
+__all__ = ["CollectorEvent", "Out", "WorkerCore", "event_from_json"]

@@ -1,0 +1,201 @@
+"""WorkerCore: what the Faust worker does with each message, checked without Kafka.
+
+The billing itself is the kernels' (tests/test_billing_*.py hold it to the reference); here:
+batches and payments reach the right meters, decisions become commands in the book, results
+close them, replays change nothing, and a terminal's state survives state_of / load_state.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meterstream.collectors.batch import OUTCOME_OK, OUTCOME_TIMEOUT, ReadingBatch
+from meterstream.errors import UserError
+from meterstream.pipeline import topics
+from meterstream.pipeline.worker import Out, WorkerCore
+
+TARIFFS = """
+timezone = "Asia/Shanghai"
+withholding_grace_hours = 72
+holidays = []
+[cutoff_window]
+days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+start = "00:00"
+end = "23:59"
+[plans.flat]
+flat = "1.0000"
+tier_period = "none"
+alert1 = "20.00"
+alert2 = "10.00"
+cutoff = "0.00"
+reconnect = "5.00"
+max_kw = "100"
+"""
+
+ARCHIVE = """meter,terminal,area,class,plan,protected,initial_balance,role
+330010010001,T1,A1,lowvoltage,flat,0,3.00,customer
+330010010002,T1,A1,lowvoltage,flat,1,3.00,customer
+330010020001,T2,A1,lowvoltage,flat,0,100.00,customer
+"""
+
+H = 3600 * 10**9
+T0 = 1_717_200_000 * 10**9  # 2024-06-01 00:00 UTC: 08:00 local, a Saturday
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self) -> int:
+        return self.t
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> WorkerCore:
+    (tmp_path / "a.csv").write_text(ARCHIVE)
+    (tmp_path / "t.toml").write_text(TARIFFS)
+    return WorkerCore(tmp_path / "a.csv", tmp_path / "t.toml", now=Clock())
+
+
+def batch(terminal: str, started: int, rows: list[tuple[int, int, int, int]]) -> bytes:
+    """rows of (meter, ts, total 0.01 kWh, outcome)"""
+    full = [(m, ts, total, -1, -1, -1, -1, 0, out, 0, -(2**31)) for m, ts, total, out in rows]
+    return ReadingBatch.from_rows(terminal, 1, started, started + 1, full).to_bytes()
+
+
+def of(out: list[Out], topic: str) -> list[dict]:
+    return [json.loads(o.value) for o in out if o.topic == topic]
+
+
+def kinds(out: list[Out]) -> list[str]:
+    return [d.get("kind") or d.get("to_state") for d in of(out, topics.EVENTS.name)]
+
+
+def test_a_customer_runs_out_is_cut_off_pays_and_is_reconnected(core: WorkerCore) -> None:
+    m = 330010010001
+    core.on_link("T1", {"kind": "up"})
+    assert of(core.on_batch(batch("T1", T0, [(m, T0, 100_00, OUTCOME_OK)])), topics.COMMANDS.name) == []
+    # 3.50 kWh at 1 yuan: the balance of 3.00 goes to -0.50, below the cut-off threshold 0
+    out = core.on_batch(batch("T1", T0 + H, [(m, T0 + H, 103_50, OUTCOME_OK)]))
+    assert core.meter_view("330010010001")["balance"] == "-0.500000"
+    (cmd,) = of(out, topics.COMMANDS.name)
+    assert cmd["action"] == "trip" and cmd["meter"] == "330010010001" and cmd["terminal"] == "T1"
+    # the collector confirms the trip
+    core.on_result("T1", {"id": cmd["id"], "outcome": "confirmed", "detail": "ok",
+                          "sent": "2024-06-01T00:00:01+00:00",
+                          "acknowledged": "2024-06-01T00:00:01+00:00",
+                          "done": "2024-06-01T00:00:03+00:00",
+                          "status": {"word": "0050"}})
+    # the customer pays 10.00: reconnect
+    pay = {"payment_id": "P1", "meter": "330010010001", "amount_microyuan": 10_000_000,
+           "status": "settled", "channel": "alipay", "ts_ns": T0 + 2 * H}
+    out = core.on_payment("T1", pay)
+    (cmd2,) = of(out, topics.COMMANDS.name)
+    assert cmd2["action"] in ("close", "allow-close")
+    assert core.meter_view("330010010001")["balance"] == "9.500000"
+    # the same payment again credits nothing
+    out = core.on_payment("T1", pay)
+    assert "duplicate_payment" in kinds(out)
+    assert core.meter_view("330010010001")["balance"] == "9.500000"
+    assert of(out, topics.COMMANDS.name) == []
+
+
+def test_a_protected_customer_is_never_cut_off(core: WorkerCore) -> None:
+    m = 330010010002
+    core.on_link("T1", {"kind": "up"})
+    core.on_batch(batch("T1", T0, [(m, T0, 100_00, OUTCOME_OK)]))
+    out = core.on_batch(batch("T1", T0 + H, [(m, T0 + H, 110_00, OUTCOME_OK)]))
+    assert of(out, topics.COMMANDS.name) == []
+    held = [d for d in of(out, topics.EVENTS.name) if d.get("kind") == "cutoff_held"]
+    assert held and held[0]["reason"] == "protected"
+
+
+def test_a_pending_withholding_holds_the_cutoff(core: WorkerCore) -> None:
+    m = 330010010001
+    core.on_link("T1", {"kind": "up"})
+    core.on_batch(batch("T1", T0, [(m, T0, 100_00, OUTCOME_OK)]))
+    core.on_payment("T1", {"payment_id": "W1", "meter": "330010010001",
+                           "amount_microyuan": 50_000_000, "status": "pending",
+                           "channel": "bank", "ts_ns": T0 + 1})
+    out = core.on_batch(batch("T1", T0 + H, [(m, T0 + H, 110_00, OUTCOME_OK)]))
+    assert of(out, topics.COMMANDS.name) == []
+    held = [d for d in of(out, topics.EVENTS.name) if d.get("kind") == "cutoff_held"]
+    assert held[0]["reason"] == "withholding_pending"
+
+
+def test_an_offline_terminal_gets_its_cutoff_when_it_is_back(core: WorkerCore) -> None:
+    m = 330010010001
+    core.on_link("T1", {"kind": "up"})
+    core.on_batch(batch("T1", T0, [(m, T0, 100_00, OUTCOME_OK)]))
+    core.on_link("T1", {"kind": "down"})
+    out = core.on_batch(batch("T1", T0 + H, [(m, T0 + H, 110_00, OUTCOME_OK)]))
+    assert of(out, topics.COMMANDS.name) == []
+    out = core.on_link("T1", {"kind": "up"})
+    # the kernels held it as terminal_offline; the next reading decides again
+    out += core.on_batch(batch("T1", T0 + 2 * H, [(m, T0 + 2 * H, 110_00, OUTCOME_OK)]))
+    assert [c["action"] for c in of(out, topics.COMMANDS.name)] == ["trip"]
+
+
+def test_replays_change_nothing(core: WorkerCore) -> None:
+    m = 330010020001
+    core.on_link("T2", {"kind": "up"})
+    core.on_batch(batch("T2", T0, [(m, T0, 100_00, OUTCOME_OK)]))
+    b = batch("T2", T0 + H, [(m, T0 + H, 150_00, OUTCOME_OK)])
+    core.on_batch(b)
+    before = core.state_of("T2")
+    assert core.on_batch(b) == []  # the same batch again
+    assert core.on_batch(batch("T2", T0, [(m, T0, 100_00, OUTCOME_OK)])) == []  # an older one
+    assert core.state_of("T2") == before
+    assert core.meter_view("330010020001")["balance"] == "50.000000"
+
+
+def test_failed_reads_are_not_billed(core: WorkerCore) -> None:
+    m = 330010020001
+    core.on_batch(batch("T2", T0, [(m, T0, 100_00, OUTCOME_OK)]))
+    core.on_batch(batch("T2", T0 + H, [(m, T0 + H, 0, OUTCOME_TIMEOUT)]))
+    assert core.meter_view("330010020001")["balance"] == "100.000000"
+
+
+def test_state_survives_a_move_to_another_worker(core: WorkerCore, tmp_path: Path) -> None:
+    m = 330010010001
+    core.on_link("T1", {"kind": "up"})
+    core.on_batch(batch("T1", T0, [(m, T0, 100_00, OUTCOME_OK)]))
+    core.on_batch(batch("T1", T0 + H, [(m, T0 + H, 103_50, OUTCOME_OK)]))
+    core.on_payment("T1", {"payment_id": "P9", "meter": "330010010001",
+                           "amount_microyuan": 1_000_000, "status": "settled",
+                           "channel": "counter", "ts_ns": T0 + H + 1})
+    state = core.state_of("T1")
+    other = WorkerCore(tmp_path / "a.csv", tmp_path / "t.toml", now=Clock())
+    other.load_state("T1", state)
+    assert other.state_of("T1") == state
+    assert other.meter_view("330010010001") == core.meter_view("330010010001")
+    # the payment id is known to the new worker: a redelivery credits nothing
+    again = other.on_payment("T1", {"payment_id": "P9", "meter": "330010010001",
+                                    "amount_microyuan": 1_000_000, "status": "settled",
+                                    "channel": "counter", "ts_ns": T0 + H + 1})
+    assert "duplicate_payment" in kinds(again)
+    with pytest.raises(ValueError):
+        other.load_state("T2", state)  # another terminal's meters
+
+
+def test_unknown_terminals_and_broken_batches_go_to_the_dead_letter(core: WorkerCore) -> None:
+    (dead,) = core.on_batch(b"not a batch")
+    assert dead.topic == topics.DEAD_LETTER.name and "reading batch" in json.loads(dead.value)["reason"]
+    (dead,) = core.on_batch(batch("T9", T0, [(330010010001, T0, 1, OUTCOME_OK)]))
+    assert "T9" in json.loads(dead.value)["reason"]
+
+
+def test_a_bad_archive_stops_the_start(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text(ARCHIVE + "12345,T1,A1,lowvoltage,flat,0,1.00,customer\n")
+    (tmp_path / "t.toml").write_text(TARIFFS)
+    with pytest.raises(UserError, match="a.csv:5"):
+        WorkerCore(tmp_path / "a.csv", tmp_path / "t.toml")
+
+
+def test_balances_add_up(core: WorkerCore) -> None:
+    assert core.balances_micro() == 106_000_000
+    assert isinstance(core.fleet.hot["balance"], np.ndarray)
