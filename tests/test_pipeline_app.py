@@ -112,7 +112,7 @@ def test_worker_cuts_off_reconnects_and_recovers_after_a_restart(tmp_path: Path)
             w2 = worker(tmp_path / "second", broker.bootstrap, app_id)
             await w2.start()
             try:
-                pay = {"payment_id": "P1", "meter": "330010010001", "amount_microyuan": 10_000_000,
+                pay = {"payment_id": "P1", "meter": "330010010001", "amount_micro_yuan": 10_000_000,
                        "status": "settled", "channel": "alipay", "ts_ns": T0 + 2 * H}
                 await send(topics.PAYMENTS.name, "T1", json.dumps(pay).encode())
                 await send(topics.PAYMENTS.name, "T1", json.dumps(pay).encode())  # twice

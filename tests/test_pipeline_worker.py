@@ -67,6 +67,11 @@ def batch(terminal: str, started: int, rows: list[tuple[int, int, int, int]]) ->
     return ReadingBatch.from_rows(terminal, 1, started, started + 1, full).to_bytes()
 
 
+def pay_json(doc: dict) -> bytes:
+    """A routed payment record (pipeline/payments.py's Payment.to_json)."""
+    return json.dumps(doc).encode()
+
+
 def of(out: list[Out], topic: str) -> list[dict]:
     return [json.loads(o.value) for o in out if o.topic == topic]
 
@@ -91,14 +96,14 @@ def test_a_customer_runs_out_is_cut_off_pays_and_is_reconnected(core: WorkerCore
                           "done": "2024-06-01T00:00:03+00:00",
                           "status": {"word": "0050"}})
     # the customer pays 10.00: reconnect
-    pay = {"payment_id": "P1", "meter": "330010010001", "amount_microyuan": 10_000_000,
+    pay = {"payment_id": "P1", "meter": "330010010001", "amount_micro_yuan": 10_000_000,
            "status": "settled", "channel": "alipay", "ts_ns": T0 + 2 * H}
-    out = core.on_payment("T1", pay)
+    out = core.on_payment("T1", pay_json(pay))
     (cmd2,) = of(out, topics.COMMANDS.name)
     assert cmd2["action"] in ("close", "allow-close")
     assert core.meter_view("330010010001")["balance"] == "9.500000"
     # the same payment again credits nothing
-    out = core.on_payment("T1", pay)
+    out = core.on_payment("T1", pay_json(pay))
     assert "duplicate_payment" in kinds(out)
     assert core.meter_view("330010010001")["balance"] == "9.500000"
     assert of(out, topics.COMMANDS.name) == []
@@ -118,9 +123,9 @@ def test_a_pending_withholding_holds_the_cutoff(core: WorkerCore) -> None:
     m = 330010010001
     core.on_link("T1", {"kind": "up"})
     core.on_batch(batch("T1", T0, [(m, T0, 100_00, OUTCOME_OK)]))
-    core.on_payment("T1", {"payment_id": "W1", "meter": "330010010001",
-                           "amount_microyuan": 50_000_000, "status": "pending",
-                           "channel": "bank", "ts_ns": T0 + 1})
+    core.on_payment("T1", pay_json({"payment_id": "W1", "meter": "330010010001",
+                           "amount_micro_yuan": 50_000_000, "status": "pending",
+                           "channel": "bank", "ts_ns": T0 + 1}))
     out = core.on_batch(batch("T1", T0 + H, [(m, T0 + H, 110_00, OUTCOME_OK)]))
     assert of(out, topics.COMMANDS.name) == []
     held = [d for d in of(out, topics.EVENTS.name) if d.get("kind") == "cutoff_held"]
@@ -165,18 +170,18 @@ def test_state_survives_a_move_to_another_worker(core: WorkerCore, tmp_path: Pat
     core.on_link("T1", {"kind": "up"})
     core.on_batch(batch("T1", T0, [(m, T0, 100_00, OUTCOME_OK)]))
     core.on_batch(batch("T1", T0 + H, [(m, T0 + H, 103_50, OUTCOME_OK)]))
-    core.on_payment("T1", {"payment_id": "P9", "meter": "330010010001",
-                           "amount_microyuan": 1_000_000, "status": "settled",
-                           "channel": "counter", "ts_ns": T0 + H + 1})
+    core.on_payment("T1", pay_json({"payment_id": "P9", "meter": "330010010001",
+                           "amount_micro_yuan": 1_000_000, "status": "settled",
+                           "channel": "counter", "ts_ns": T0 + H + 1}))
     state = core.state_of("T1")
     other = WorkerCore(tmp_path / "a.csv", tmp_path / "t.toml", now=Clock())
     other.load_state("T1", state)
     assert other.state_of("T1") == state
     assert other.meter_view("330010010001") == core.meter_view("330010010001")
     # the payment id is known to the new worker: a redelivery credits nothing
-    again = other.on_payment("T1", {"payment_id": "P9", "meter": "330010010001",
-                                    "amount_microyuan": 1_000_000, "status": "settled",
-                                    "channel": "counter", "ts_ns": T0 + H + 1})
+    again = other.on_payment("T1", pay_json({"payment_id": "P9", "meter": "330010010001",
+                                    "amount_micro_yuan": 1_000_000, "status": "settled",
+                                    "channel": "counter", "ts_ns": T0 + H + 1}))
     assert "duplicate_payment" in kinds(again)
     with pytest.raises(ValueError):
         other.load_state("T2", state)  # another terminal's meters
@@ -199,3 +204,32 @@ def test_a_bad_archive_stops_the_start(tmp_path: Path) -> None:
 def test_balances_add_up(core: WorkerCore) -> None:
     assert core.balances_micro() == 106_000_000
     assert isinstance(core.fleet.hot["balance"], np.ndarray)
+
+
+def test_dropouts_are_one_area_alarm_and_kpis_count_reads(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text(ARCHIVE)
+    (tmp_path / "t.toml").write_text(TARIFFS)
+    clock = Clock()
+    core = WorkerCore(tmp_path / "a.csv", tmp_path / "t.toml", now=clock, cycle_s=60.0)
+    clock.t += 60 * 10**9
+    core.on_batch(batch("T1", clock.t, [(330010010001, clock.t, 100_00, OUTCOME_OK),
+                                        (330010010002, clock.t, 100_00, OUTCOME_TIMEOUT)]))
+    core.on_batch(batch("T2", clock.t, [(330010020001, clock.t, 100_00, OUTCOME_OK)]))
+    snap = core.kpi_snapshot()
+    assert snap["reads_by_class"]["lowvoltage"] == [2, 3]
+    assert snap["success_bp_by_class"]["lowvoltage"] == 6666
+    assert snap["online"] == 2 and snap["terminals"] == 2
+    assert core.detect_dropouts(["T1", "T2"]) == []
+    # both terminals of area A1 go quiet for many cycles (the worker ticks every minute):
+    # one area alarm, not two terminal ones
+    out = []
+    for _ in range(40):
+        clock.t += 60 * 10**9
+        out += core.detect_dropouts(["T1", "T2"])
+    kinds_ = [json.loads(o.value)["kind"] for o in out]
+    assert kinds_.count("area_dropout") == 1 and "terminal_offline" not in kinds_
+    assert core.fleet.terminal_online.tolist() == [0, 0]
+    # a terminal this worker does not hold never drops
+    fresh = WorkerCore(tmp_path / "a.csv", tmp_path / "t.toml", now=clock)
+    clock.t += 40 * 60 * 10**9
+    assert fresh.detect_dropouts([]) == []

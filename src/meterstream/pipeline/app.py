@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -45,10 +46,19 @@ class WorkerApp:
 
     def __init__(self, core: WorkerCore, bootstrap: str, *, datadir: str | Path,
                  partitions: int = 4, app_id: str = "meterstream-worker", tick_s: float = 1.0,
-                 **overrides: Any) -> None:
+                 kpi_s: float = 10.0, events_kept: int = 2000, **overrides: Any) -> None:
+        from aiokafka.partitioner import DefaultPartitioner
+
         self.core = core
         self.loaded: set[str] = set()
         self.errors = 0
+        self.kpis: dict[str, Any] = {}
+        self.events: deque[dict[str, Any]] = deque(maxlen=events_kept)  # for the API
+        self.commands_out: deque[dict[str, Any]] = deque(maxlen=events_kept)
+        # the partition of each terminal, as Kafka's default partitioner puts its key
+        every = list(range(partitions))
+        part = DefaultPartitioner()
+        self.partition_of = {t: part(t.encode(), every, every) for t in core.terminal_index}
         settings = {**faust_settings(bootstrap, datadir=datadir, partitions=partitions),
                     **overrides}
         app = self.app = faust.App(app_id, **settings)
@@ -69,7 +79,7 @@ class WorkerApp:
         async def payments(stream: faust.StreamT[bytes]) -> None:
             async for key, value in stream.items():
                 terminal = self._terminal(key)
-                await self._handle(terminal, partial(_json_in, core.on_payment, terminal, value))
+                await self._handle(terminal, partial(core.on_payment, terminal, value))
 
         @app.agent(self.topic[topics.LINKS.name])
         async def links(stream: faust.StreamT[bytes]) -> None:
@@ -88,14 +98,28 @@ class WorkerApp:
             # Changes a tick makes (timeouts, retries sent) are written to the table with the
             # terminal's next event; after a crash the restarted worker re-derives them from
             # the book's times, at worst sending a retry once more (commands are idempotent).
+            owned = self.owned()
+            for t in owned:
+                self._terminal(t.encode())
             await self._publish(core.tick(sorted(self.loaded)))
+            await self._publish(core.detect_dropouts(owned))
+
+        @app.timer(interval=kpi_s)
+        async def kpis() -> None:
+            self.kpis = core.kpi_snapshot()
 
         @app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
             # the terminals may move: load them again from the table when seen next
             self.loaded.clear()
 
-        self._agents = (readings, payments, links, results, tick, revoked)
+        self._agents = (readings, payments, links, results, tick, kpis, revoked)
+
+    def owned(self) -> list[str]:
+        """The terminals of the partitions this worker holds now."""
+        parts = {tp.partition for tp in self.app.assignor.assigned_actives()
+                 if tp.topic == topics.READINGS.name}
+        return [t for t, p in self.partition_of.items() if p in parts]
 
     def _terminal(self, key: Any) -> str:
         terminal = _key(key)
@@ -121,6 +145,10 @@ class WorkerApp:
     async def _publish(self, out: list[Out]) -> None:
         for o in out:
             await self.topic[o.topic].send(key=o.key.encode(), value=o.value)
+            if o.topic == topics.EVENTS.name:
+                self.events.append(json.loads(o.value))
+            elif o.topic == topics.COMMANDS.name:
+                self.commands_out.append(json.loads(o.value))
 
     async def start(self) -> None:
         await self.app.start()

@@ -15,11 +15,12 @@ by command id and attempt. No float touches money; no I/O here.
 
 from __future__ import annotations
 
+import csv
 import json
 import struct
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,10 @@ import numpy as np
 from meterstream.collectors.batch import OUTCOME_OK, CollectorEvent, ReadingBatch
 from meterstream.errors import UserError
 from meterstream.kernels import billing as K
+from meterstream.kernels import collection as C
 from meterstream.kernels.billing import Billing
 from meterstream.kernels.layout import PaymentIdConflict, from_bytes, to_bytes
+from meterstream.kernels.tariffs import P_CUTOFF
 from meterstream.pipeline import topics
 from meterstream.pipeline.commands import (
     CUTOFF,
@@ -73,24 +76,13 @@ def _event(kind: str, terminal: str, ts_ns: int, meter: str | None = None,
     return Out(topics.EVENTS.name, terminal, json.dumps(doc, ensure_ascii=False).encode())
 
 
-@dataclass
-class ArchiveMeters:
-    """The billing archive as the worker needs it (meters in slot order)."""
-
-    addresses: list[str]
-    slot_of: dict[int, int]  # address as a number -> slot
-    area: list[str]  # per slot
-    klass: list[str]  # per slot
-    terminal_ids: list[str]
-    terminal_index: dict[str, int] = field(default_factory=dict)
-
-
 class WorkerCore:
     """Billing, control decisions, commands and collection KPIs of a set of terminals."""
 
     def __init__(self, archive_path: str | Path, tariffs_path: str | Path, *,
                  policy: CommandPolicy | None = None,
-                 now: Callable[[], int] = time.time_ns) -> None:
+                 now: Callable[[], int] = time.time_ns, cycle_s: float = 60.0,
+                 rules: C.CollectionRules | None = None, influx: Any = None) -> None:
         from meterstream.pipeline.replay import Rejected, read_archive
 
         spec = load_tariffs(tariffs_path)
@@ -110,9 +102,43 @@ class WorkerCore:
         self.terminal_index = {t: i for i, t in enumerate(self.fleet.terminal_ids)}
         self.books: dict[str, CommandBook] = {}
         self.last_batch: dict[str, int] = {}
+        self.influx = influx  # an InfluxSink, or None
+        self.rules = rules or C.CollectionRules()
+        self._collection_state(Path(archive_path), cycle_s)
         self.counters = {"batches": 0, "readings": 0, "replayed_batches": 0, "payments": 0,
                          "duplicate_payments": 0, "results": 0, "stale_results": 0,
                          "unknown": 0, "commands_sent": 0}
+
+    def _collection_state(self, path: Path, cycle_s: float) -> None:
+        """Areas, classes and roles per slot (the collection kernels' archive)."""
+        area_of: dict[int, str] = {}
+        class_of: dict[int, int] = {}
+        role_of: dict[int, int] = {}
+        classes = {"dedicated": C.CLASS_DEDICATED, "public": C.CLASS_PUBLIC,
+                   "lowvoltage": C.CLASS_LOWVOLTAGE}
+        with open(path, newline="", encoding="utf-8") as fh:  # read_archive checked it already
+            for row in csv.DictReader(fh):
+                a = int(row["meter"])
+                area_of[a] = row["area"].strip()
+                class_of[a] = classes[row["class"].strip()]
+                role_of[a] = C.ROLE_SUPPLY if row["role"].strip() == "supply" else C.ROLE_CUSTOMER
+        addr = self.fleet.cold["address"].tolist()
+        self.areas = sorted(set(area_of.values()))
+        area_index = {a: i for i, a in enumerate(self.areas)}
+        self.meter_area = np.array([area_index[area_of[a]] for a in addr], np.int32)
+        self.meter_class = np.array([class_of[a] for a in addr], np.int8)
+        meter_role = np.array([role_of[a] for a in addr], np.int8)
+        meter_terminal = self.fleet.cold["terminal"].astype(np.int32)
+        starts = self.fleet.terminal_start
+        term_area = np.array([self.meter_area[starts[t]] if starts[t] < starts[t + 1] else 0
+                              for t in range(self.fleet.n_terminals)], np.int32)
+        self.terminal_area = [self.areas[a] for a in term_area.tolist()]
+        self.collection = C.new_collection_state(
+            term_area, np.full(self.fleet.n_terminals, int(cycle_s * 1e9), np.int64),
+            meter_terminal, self.meter_area, self.meter_class, meter_role, len(self.areas),
+            start_ns=self.now())
+        self.dropouts = C.DropoutRows.for_state(self.collection)
+        self.kpis = C.Kpis.for_state(self.collection)
 
     # --- state per terminal -------------------------------------------------------------------
 
@@ -164,13 +190,24 @@ class WorkerCore:
             return []
         self.last_batch[terminal] = batch.started_ns
         self.counters["batches"] += 1
+        t_idx = self.terminal_index[terminal]
+        all_slots = np.fromiter((self.slot_of.get(int(m), -1) for m in batch.meter), np.int64,
+                                len(batch))
+        self.collection.apply_collection_batch(  # success rates, last seen, silent meters
+            t_idx, batch.started_ns, all_slots.astype(np.int32), batch.ts,
+            batch.outcome.astype(np.int8), batch.registers[:, 0].copy(), self.rules)
+        if self.influx is not None:
+            from meterstream.pipeline.influx import BatchMeta
+
+            cls = np.array([self.meter_class[s] if s >= 0 else C.CLASS_LOWVOLTAGE
+                            for s in all_slots.tolist()], np.int8)
+            self.influx.write_batch(batch, BatchMeta(self.terminal_area[t_idx], cls))
         ok = (batch.outcome == OUTCOME_OK) & (batch.registers[:, 0] >= 0)
         meters = batch.meter[ok]
         slots = np.fromiter((self.slot_of.get(int(m), -1) for m in meters), np.int64,
                             meters.shape[0])
         out: list[Out] = []
         known = slots >= 0
-        t_idx = self.terminal_index[terminal]
         block = self.fleet.block(t_idx)
         mine = known & (slots >= block.start) & (slots < block.stop)
         for m in meters[~mine].tolist():
@@ -229,42 +266,43 @@ class WorkerCore:
                        "reconnect threshold", now, cause_ns=cause_ns)
         return out
 
-    def on_payment(self, terminal: str, payment: dict[str, Any]) -> list[Out]:
-        """A validated payment routed to this terminal (pipeline/payments.py's JSON)."""
-        s = self.slot_of.get(int(payment["meter"]), -1)
-        ts = int(payment["ts_ns"])
+    def on_payment(self, terminal: str, value: bytes) -> list[Out]:
+        """A validated payment routed to this terminal (pipeline/payments.py's routed record)."""
+        from meterstream.pipeline.payments import Payment
+
+        try:
+            p = Payment.from_json(value)
+        except ValueError as exc:
+            return [self._dead("payments", value, str(exc))]
+        s = self.slot_of.get(p.meter, -1)
         if s < 0 or self.fleet.terminal_ids[int(self.fleet.cold["terminal"][s])] != terminal:
-            return [self._dead("payments", json.dumps(payment).encode(),
-                               f"meter {payment['meter']} is not behind terminal {terminal}")]
-        status = K.STATUS_NAMES[payment["status"]]
+            return [self._dead("payments", value,
+                               f"meter {p.address} is not behind terminal {terminal}")]
         try:
             result, action = self.billing.apply_payments(
-                np.array([s], np.int64), np.array([ts], np.int64), [payment["payment_id"]],
-                np.array([int(payment["amount_microyuan"])], np.int64),
-                np.array([status], np.int8))
+                np.array([s], np.int64), np.array([p.ts], np.int64), [p.payment_id],
+                np.array([p.amount], np.int64), np.array([K.STATUS_NAMES[p.status]], np.int8))
         except PaymentIdConflict as exc:
-            return [self._dead("payments", json.dumps(payment).encode(), str(exc))]
+            return [self._dead("payments", value, str(exc))]
         self.counters["payments"] += 1
         res, act = int(result[0]), int(action[0])
-        meter = self.addresses[s]
-        pid = payment["payment_id"]
-        out: list[Out] = []
+        meter = p.address
         names = {K.PAY_APPLIED: "payment_applied", K.PAY_DUPLICATE: "duplicate_payment",
                  K.PAY_HOLD: "withholding_pending", K.PAY_FAILED: "payment_failed",
                  K.PAY_IGNORED: "payment_repeated"}
         if res == K.PAY_DUPLICATE:
             self.counters["duplicate_payments"] += 1
-        out.append(_event(names.get(res, "payment"), terminal, ts, meter, payment_id=pid,
-                          amount=_yuan(int(payment["amount_microyuan"])),
-                          balance=_yuan(int(self.fleet.hot["balance"][s]))))
+        balance = int(self.fleet.hot["balance"][s])
+        out = [_event(names.get(res, "payment"), terminal, p.ts, meter, payment_id=p.payment_id,
+                      channel=p.channel, amount=_yuan(p.amount), balance=_yuan(balance))]
         if res == K.PAY_APPLIED:
             plan = int(self.fleet.hot["plan"][s])
-            if int(self.fleet.hot["balance"][s]) >= int(self.tariff.plans[plan, K.P_RECONNECT]):
+            if balance >= int(self.tariff.plans[plan, K.P_RECONNECT]):
                 # a queued cut-off the payment makes unnecessary is cancelled, never sent
-                self.book(terminal).cancel_cutoffs(meter, f"payment {pid} lifted the balance",
-                                                   self.now())
-        out.extend(self._decisions(terminal, s, ts, act, cause_ns=ts,
-                                   why=f"payment {pid}"))
+                self.book(terminal).cancel_cutoffs(meter, f"payment {p.payment_id} lifted "
+                                                   "the balance", self.now())
+        out.extend(self._decisions(terminal, s, p.ts, act, cause_ns=p.ts,
+                                   why=f"payment {p.payment_id}"))
         out.extend(self._dispatch(terminal))
         return out
 
@@ -274,11 +312,16 @@ class WorkerCore:
         if t is None:
             return []
         kind = event.get("kind")
+        now = self.now()
         if kind == "up":
+            self.collection.apply_link_event(t, C.LINK_UP, now)
             self.fleet.terminal_online[t] = 1
             return self._dispatch(terminal)
         if kind == "down":
+            self.collection.apply_link_event(t, C.LINK_DOWN, now)
             self.fleet.terminal_online[t] = 0
+        elif kind in ("heartbeat_missed", "registration"):
+            self.collection.apply_link_event(t, C.LINK_HEARTBEAT, now)
         return []
 
     def on_result(self, terminal: str, result: dict[str, Any]) -> list[Out]:
@@ -317,6 +360,89 @@ class WorkerCore:
                 self.books[terminal].on_timeout(now)
                 out.extend(self._dispatch(terminal))
         return out
+
+    def detect_dropouts(self, owned: Iterable[str]) -> list[Out]:
+        """Terminals that missed k cycles or whose link is down, as alarms: one per terminal,
+        or one per area when many of an area drop together (the kernels' rule). Terminals this
+        worker does not hold are kept fresh, so only its own can drop."""
+        now = self.now()
+        mine = np.zeros(self.fleet.n_terminals, bool)
+        for t in owned:
+            i = self.terminal_index.get(t)
+            if i is not None:
+                mine[i] = True
+        st = self.collection
+        st.term_last_cycle_ns[~mine] = now
+        st.term_link_up[~mine] = 1
+        st.detect_dropouts(now, self.rules, self.dropouts)
+        out: list[Out] = []
+        for t, ev in self.dropouts.terminal_rows():
+            terminal = self.fleet.terminal_ids[t]
+            if ev == C.EV_OFFLINE:
+                self.fleet.terminal_online[t] = 0
+            elif ev in (C.EV_ONLINE, C.EV_CLEARED):
+                self.fleet.terminal_online[t] = int(st.term_link_up[t])
+            kind = {C.EV_ALARM: "terminal_offline", C.EV_CLEARED: "terminal_back"}.get(ev)
+            if kind:
+                out.append(_event(kind, terminal, now, area=self.terminal_area[t],
+                                  missed_cycles=int(st.term_missed[t])))
+        for a, ev in self.dropouts.area_rows():
+            kind = "area_dropout" if ev == C.AREA_RAISED else "area_dropout_cleared"
+            doc = _event(kind, self.areas[a], now, terminals=int(st.area_terminals[a]),
+                         offline=int(st.area_offline[a]))
+            out.append(doc)
+        return out
+
+    def kpi_snapshot(self) -> dict[str, Any]:
+        """The live KPIs (integers: basis points, counts) of today, local time."""
+        now = self.now()
+        st, k = self.collection, self.kpis
+        day = st.day_of(now)
+        plans = self.tariff.plans
+        plan = self.fleet.hot["plan"].astype(np.int64)
+        C.compute_kpis(st, k, day=day, loss_first_day=day - 1, loss_last_day=day,
+                       loss_max_age_ns=2 * 3600 * 10**9, balance=self.fleet.hot["balance"],
+                       cutoff_threshold=plans[plan, P_CUTOFF],
+                       relay=self.fleet.hot["relay_open"].astype(np.int8))
+        names = ("dedicated", "public", "lowvoltage")
+        snap: dict[str, Any] = {
+            "ts": _iso(now), "terminals": k.terminals, "online": k.online,
+            "success_bp_by_class": {names[c]: int(k.class_bp[c]) if k.class_attempted[c] else None
+                                    for c in range(3)},
+            "reads_by_class": {names[c]: [int(k.class_ok[c]), int(k.class_attempted[c])]
+                               for c in range(3)},
+            "areas": {self.areas[a]: {
+                "success_bp": int(k.area_bp[a]) if k.area_attempted[a] else None,
+                "terminals": int(k.area_terminals[a]), "online": int(k.area_online[a]),
+                "line_loss_bp": int(k.loss_bp[a]) if k.loss_valid[a] else None,
+                "customers": int(k.customers[a]), "in_arrears": int(k.in_arrears[a]),
+                "cut_off": int(k.cut_off[a])} for a in range(len(self.areas))},
+            "customers": int(k.customers.sum()), "in_arrears": int(k.in_arrears.sum()),
+            "cut_off": int(k.cut_off.sum()),
+        }
+        timely = [b.timeliness() for b in self.books.values()]
+        confirmed = sum(t.confirmed for t in timely)
+        within = sum(t.within_target for t in timely)
+        snap["reconnections_confirmed"] = confirmed
+        snap["reconnection_timeliness_bp"] = (within * 10_000 // confirmed) if confirmed else None
+        if self.influx is not None:
+            ts = now
+            self.influx.write_kpi(ts, {"terminals": k.terminals, "online": k.online,
+                                       "customers": snap["customers"],
+                                       "in_arrears": snap["in_arrears"],
+                                       "cut_off": snap["cut_off"],
+                                       "reconnection_timeliness_bp":
+                                           snap["reconnection_timeliness_bp"]})
+            for c in range(3):
+                if k.class_attempted[c]:
+                    self.influx.write_kpi(ts, {"success_rate_bp": int(k.class_bp[c])},
+                                          meter_class=c)
+            for a in range(len(self.areas)):
+                vals = {"online": int(k.area_online[a]), "terminals": int(k.area_terminals[a]),
+                        "success_rate_bp": int(k.area_bp[a]) if k.area_attempted[a] else None,
+                        "line_loss_bp": int(k.loss_bp[a]) if k.loss_valid[a] else None}
+                self.influx.write_kpi(ts, vals, area=self.areas[a])
+        return snap
 
     # --- messages out -------------------------------------------------------------------------
 
