@@ -93,6 +93,12 @@ class WorkerApp:
                 terminal = self._terminal(key)
                 await self._handle(terminal, partial(_json_in, core.on_result, terminal, value))
 
+        @app.agent(self.topic[topics.OPERATOR.name])
+        async def operator(stream: faust.StreamT[bytes]) -> None:
+            async for key, value in stream.items():
+                terminal = self._terminal(key)
+                await self._handle(terminal, partial(_json_in, self._manual, terminal, value))
+
         @app.timer(interval=tick_s)
         async def tick() -> None:
             # Changes a tick makes (timeouts, retries sent) are written to the table with the
@@ -113,7 +119,21 @@ class WorkerApp:
             # the terminals may move: load them again from the table when seen next
             self.loaded.clear()
 
-        self._agents = (readings, payments, links, results, tick, kpis, revoked)
+        self._agents = (readings, payments, links, results, operator, tick, kpis, revoked)
+
+    def _manual(self, terminal: str, doc: dict[str, Any]) -> list[Out]:
+        return self.core.manual(terminal, doc["meter"], doc["action"], doc["who"], doc["why"])
+
+    async def manual(self, terminal: str, meter: str, action: str, who: str, why: str) -> None:
+        """An operator's command: published to the operator topic, applied by its agent (so
+        the command book changes inside an event, like every other change)."""
+        from meterstream.pipeline.commands import MANUAL_ACTIONS
+
+        if action not in MANUAL_ACTIONS:
+            raise ValueError(f"action: {action!r} is not one of {', '.join(MANUAL_ACTIONS)}")
+        doc = {"meter": meter, "action": action, "who": who, "why": why}
+        await self.topic[topics.OPERATOR.name].send(key=terminal.encode(),
+                                                    value=json.dumps(doc).encode())
 
     def owned(self) -> list[str]:
         """The terminals of the partitions this worker holds now."""

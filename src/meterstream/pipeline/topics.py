@@ -29,6 +29,8 @@ PAYMENTS_IN = TopicSpec(f"{PREFIX}.payments-in", "payments as the channels send 
                         "channel's transaction id)", "json")
 PAYMENTS = TopicSpec(f"{PREFIX}.payments", "validated payments, routed to the meter's terminal",
                      "json")
+OPERATOR = TopicSpec(f"{PREFIX}.operator", "operators' commands (who, why) for the command book",
+                     "json")
 COMMANDS = TopicSpec(f"{PREFIX}.commands", "remote-control commands for the collectors", "json")
 RESULTS = TopicSpec(f"{PREFIX}.results", "command results from the collectors", "json")
 EVENTS = TopicSpec(f"{PREFIX}.events", "alerts, dropouts, anomalies, escalations, audit records",
@@ -36,5 +38,6 @@ EVENTS = TopicSpec(f"{PREFIX}.events", "alerts, dropouts, anomalies, escalations
 DEAD_LETTER = TopicSpec(f"{PREFIX}.dead-letter", "input that was refused, with the reason and "
                         "the original bytes", "json")
 
-ALL = (READINGS, LINKS, PAYMENTS_IN, PAYMENTS, COMMANDS, RESULTS, EVENTS, DEAD_LETTER)
+ALL = (READINGS, LINKS, PAYMENTS_IN, PAYMENTS, OPERATOR, COMMANDS, RESULTS, EVENTS,
+       DEAD_LETTER)
 NAMES = tuple(t.name for t in ALL)

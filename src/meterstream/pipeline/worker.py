@@ -367,8 +367,8 @@ class WorkerCore:
         worker does not hold are kept fresh, so only its own can drop."""
         now = self.now()
         mine = np.zeros(self.fleet.n_terminals, bool)
-        for t in owned:
-            i = self.terminal_index.get(t)
+        for tid in owned:
+            i = self.terminal_index.get(tid)
             if i is not None:
                 mine[i] = True
         st = self.collection
