@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the main job: the simulated field with a live summary.
-# Ctrl-C stops it. Extra arguments go to `meterstream sim`.
+# Set up (scripts/setup.sh) and run the main job: `meterstream demo`, the whole head-end on
+# loopback (embedded broker, simulated field, collectors, worker, JSON API, payment stream).
+# Ctrl-C stops it. Extra arguments go to `meterstream demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/meterstream sim --config config/field-demo.toml "$@"
+exec .venv/bin/meterstream demo --config config/demo.toml "$@"
