@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
+from collections.abc import Iterable
 from typing import Any
 
 from meterstream.collectors.archive import Archive, TerminalPlan
@@ -111,7 +112,14 @@ class DialInListener:
         firmware = parts[2] if len(parts) > 2 else ""
         session = self.any_session or self.collector.dial_sessions.get(tid)
         if session is None:
-            self.reject(link, tid, f"terminal {tid} is not in the archive (or does not dial in)")
+            plan = self.collector.archive.terminals.get(tid)
+            if plan is not None and plan.mode == "dial":
+                # several collectors share the archive: another one holds this terminal
+                self.reject(link, tid, f"terminal {tid} is not held by this collector (another "
+                            "collector holds it): it must dial that one")
+            else:
+                self.reject(link, tid,
+                            f"terminal {tid} is not in the archive (or does not dial in)")
             return
         self.collector.sink.event(CollectorEvent(
             "registration", session.plan.id, time.time_ns(),
@@ -157,20 +165,40 @@ class Collector:
         return Dlt645Session(plan, self.cfg, self.sink, phase_s=phase,
                              connect_limit=self._limit)
 
-    async def start(self) -> None:
+    async def start(self, terminals: Iterable[str] | None = None) -> None:
+        """Start the dial-in listener (when the archive has dial-in terminals) and the sessions
+        of `terminals` (default: every terminal of the archive; `()` starts none, for a
+        collector that takes terminals one by one with `start_terminal`)."""
         self._limit = asyncio.Semaphore(self.cfg.max_connecting)
+        dial = False
         for plan in self.archive.terminals.values():
-            s = self._session(plan)
-            self.sessions[plan.id] = s
-            if plan.mode == "dial":
-                self.dial_sessions[plan.id] = s
+            dial = dial or plan.mode == "dial"
             for a in plan.address.tolist():
                 self.meter_terminal[a] = plan.id
-        if self.dial_sessions and self.cfg.dialin_enabled:
+        if dial and self.cfg.dialin_enabled:
             self.listener = DialInListener(self)
             await self.listener.start(self.cfg.dialin_host, self.cfg.dialin_port)
-        for s in self.sessions.values():
-            s.start()
+        for tid in self.archive.terminals if terminals is None else terminals:
+            self.start_terminal(tid)
+
+    def start_terminal(self, tid: str) -> None:
+        """Build and start the session of one terminal of the archive (nothing if it runs)."""
+        if tid in self.sessions:
+            return
+        plan = self.archive.terminals[tid]
+        s = self._session(plan)
+        self.sessions[tid] = s
+        if plan.mode == "dial":
+            self.dial_sessions[tid] = s
+        s.start()
+
+    async def stop_terminal(self, tid: str) -> None:
+        """Stop one terminal's session and forget it (its connection is closed; a command still
+        in flight ends with a cancelled future, for the caller to report)."""
+        s = self.sessions.pop(tid, None)
+        self.dial_sessions.pop(tid, None)
+        if s is not None:
+            await s.stop()
 
     async def stop(self) -> None:
         if self.listener is not None:
@@ -185,7 +213,13 @@ class Collector:
                               done_ns=time.time_ns())
             self.sink.command(r)
             return r
-        result: CommandResult = await self.sessions[tid].execute(command)
+        session = self.sessions.get(tid)
+        if session is None:  # another collector holds the terminal (start_terminal)
+            r = CommandResult(command, tid, REFUSED, f"terminal {tid} is not held by this "
+                              "collector: not sent", done_ns=time.time_ns())
+            self.sink.command(r)
+            return r
+        result: CommandResult = await session.execute(command)
         return result
 
     def summary(self) -> dict[str, Any]:
