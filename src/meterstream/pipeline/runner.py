@@ -56,10 +56,18 @@ async def start_worker(bootstrap: str, archive: Path, tariffs: Path, cfg: Worker
     from meterstream.pipeline.worker import WorkerCore
 
     run = Running()
+    try:
+        (data_dir / "faust").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the worker's data directory: {exc.strerror}",
+                        where=str(data_dir)) from None
     core = WorkerCore(archive, tariffs, policy=cfg.policy, cycle_s=cfg.cycle_s,
                       influx=influx_sink)
+    overrides: dict[str, Any] = {}
+    if cfg.producer_max_batch_size is not None:
+        overrides["producer_max_batch_size"] = cfg.producer_max_batch_size
     worker = WorkerApp(core, bootstrap, datadir=data_dir / "faust", partitions=cfg.partitions,
-                       app_id=app_id, tick_s=cfg.tick_s, kpi_s=cfg.kpi_s)
+                       app_id=app_id, tick_s=cfg.tick_s, kpi_s=cfg.kpi_s, **overrides)
     run.worker = worker
     await worker.start()
     run.stops.append(worker.stop)
