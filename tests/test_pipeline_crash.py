@@ -52,7 +52,7 @@ def write_archive(path: Path) -> None:
     path.write_text("\n".join(rows) + "\n")
 
 
-def traffic() -> tuple[list[tuple[str, bytes]], list[dict[str, Any]]]:
+def traffic(t0: int = T0) -> tuple[list[tuple[str, bytes]], list[dict[str, Any]]]:
     """(batches: (terminal, bytes) in cycle order, payments: channel documents with ts)."""
     rng = random.Random(11)
     regs = {m: [rng.randint(100_000, 500_000)] + [0, 0, 0, 0] for m, _ in meters()}
@@ -60,7 +60,7 @@ def traffic() -> tuple[list[tuple[str, bytes]], list[dict[str, Any]]]:
         r[1:] = [r[0] // 4] * 3 + [r[0] - 3 * (r[0] // 4)]
     batches = []
     for c in range(CYCLES):
-        started = T0 + c * CYCLE_NS
+        started = t0 + c * CYCLE_NS
         for tid in TERMINALS:
             rows = []
             for m, t in meters():
@@ -76,7 +76,7 @@ def traffic() -> tuple[list[tuple[str, bytes]], list[dict[str, Any]]]:
     payments = []
     addresses = [m for m, _ in meters()]
     for n in range(40):
-        ts = T0 + rng.randint(0, CYCLES - 1) * CYCLE_NS + 500_000_000
+        ts = t0 + rng.randint(0, CYCLES - 1) * CYCLE_NS + 500_000_000
         doc = {"payment_id": f"P{n:03d}", "meter": rng.choice(addresses),
                "amount": f"{rng.randint(5, 80)}.{rng.randint(0, 99):02d}", "status": "settled",
                "channel": "alipay", "ts_ns": ts}
