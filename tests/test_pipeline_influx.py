@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from test_influx import VictoriaMetrics, needs_vm
+from test_pipeline_crash import ROOT, traffic, write_archive
 
 from meterstream.collectors.batch import ReadingBatch
 from meterstream.pipeline import topics
@@ -18,8 +20,6 @@ from meterstream.pipeline.broker import EmbeddedBroker
 from meterstream.pipeline.influx import InfluxSink
 from meterstream.pipeline.runner import all_topics
 from meterstream.pipeline.worker import WorkerCore
-from test_influx import VictoriaMetrics, needs_vm
-from test_pipeline_crash import ROOT, traffic, write_archive
 
 WAIT = 90.0
 
