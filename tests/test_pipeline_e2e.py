@@ -69,8 +69,55 @@ async def until(cond: Any, what: str, timeout: float = WAIT) -> None:
         await asyncio.sleep(0.1)
 
 
+async def api_checks(base: str, worker: Any, fld: Field, victim: str, other: str,
+                     other_i: int) -> None:
+    """The JSON API reads what the core holds; payments and commands go in through it."""
+    import aiohttp
+
+    core = worker.core
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/api/meters/{victim}") as r:
+            assert r.status == 200 and (await r.json()) == json.loads(json.dumps(
+                core.meter_view(victim)))
+        async with http.get(f"{base}/api/summary") as r:
+            summary = await r.json()
+            assert summary["meters"] == core.fleet.n_meters and summary["terminals_held"] > 0
+        async with http.get(f"{base}/api/terminals/A001-C001") as r:
+            assert victim in {m["meter"] for m in (await r.json())["meters"]}
+        async with http.get(f"{base}/api/terminals/NOPE") as r:
+            assert r.status == 404 and "NOPE" in (await r.json())["error"]
+        async with http.get(f"{base}/api/events?limit=5") as r:
+            assert len(await r.json()) == 5
+        bad = {"payment_id": "B-1", "meter": victim, "amount": 10.5, "status": "settled",
+               "channel": "web", "ts": "2024-06-01T08:00:00+08:00"}
+        async with http.post(f"{base}/api/payments", data=json.dumps(bad)) as r:
+            assert r.status == 400 and "amount" in (await r.json())["error"]
+        good = {**bad, "payment_id": "B-2", "amount": "1.00"}
+        async with http.post(f"{base}/api/payments", data=json.dumps(good)) as r:
+            assert r.status == 202
+        await until(lambda: core.meter_view(victim)["paid"] == "51.000000", "the API payment")
+        cmd = {"meter": other, "action": "keep-power-on", "reason": "hospital on this feeder"}
+        async with http.post(f"{base}/api/commands", data=json.dumps(cmd)) as r:
+            assert r.status == 401  # no token: viewers cannot command
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with http.post(f"{base}/api/commands", data=json.dumps(cmd), headers=headers) as r:
+            assert r.status == 202, await r.text()
+        await until(lambda: bool(fld.bank.keep_power[other_i]), "keep-power in the field")
+        await until(lambda: any(e.get("meter") == other and e.get("action") == "keep-power-on"
+                                and e.get("to_state") == "confirmed" for e in worker.events),
+                    "the operator's command confirmed")
+    issued = [e for e in worker.events if e.get("meter") == other and e.get("to_state") == "issued"
+              and e.get("action") == "keep-power-on"]
+    assert issued and issued[0]["who"] == "alice" and "hospital" in issued[0]["cause"]
+
+
+TOKEN = "alice-token-0123456789"
+
+
 @pytest.mark.slow
-def test_cut_off_pay_reconnect_protected_withholding_duplicate(tmp_path: Path) -> None:
+def test_cut_off_pay_reconnect_protected_withholding_duplicate(tmp_path: Path,
+                                                               monkeypatch: Any) -> None:
+    monkeypatch.setenv("METERSTREAM_OPERATOR_TOKENS", f"alice:{TOKEN}")
     from meterstream.pipeline.collector_kafka import KafkaCollector
 
     async def scenario() -> None:
@@ -145,6 +192,8 @@ def test_cut_off_pay_reconnect_protected_withholding_duplicate(tmp_path: Path) -
                                              and e.get("meter") == addr(victim)
                                              and e.get("to_state") == "confirmed"]) >= 2,
                                 "the reconnect confirmed")
+                    await api_checks(run.url.rsplit("/api/", 1)[0], run.worker, fld, addr(victim),
+                                     addr(plain[2]), plain[2])
                 finally:
                     if collector is not None:
                         await collector.stop()
