@@ -48,13 +48,13 @@ from meterstream.pipeline.collector_kafka import (
     KafkaSink,
     Record,
     Spool,
-    SpoolLocked,
     check_topics,
     decode_records,
     encode_record,
     parse_command,
     partition_of,
 )
+from meterstream.spool import SpoolLocked
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 4
@@ -185,7 +185,7 @@ def test_spool_records_torn_tail_bound_and_lock(tmp_path: Path) -> None:
     assert decode_records(b"".join(encode_record(r) for r in recs)) == (
         recs, sum(len(encode_record(r)) for r in recs))
     s = Spool(tmp_path, 1 << 20, file_bytes=200)
-    with pytest.raises(SpoolLocked, match="another collector process"):
+    with pytest.raises(SpoolLocked, match="another process"):
         Spool(tmp_path)
     assert s.append(recs[:10]) == 10 and s.append(recs[10:]) == 10
     assert len(s) == 2

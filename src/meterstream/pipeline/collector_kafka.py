@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import json
 import logging
 import os
 import struct
 import tempfile
-import threading
 import time
 import zlib
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.partitioner import DefaultPartitioner
@@ -39,6 +37,7 @@ from meterstream.collectors.commands import ACTIONS, REFUSED, UNCONFIRMED, Comma
 from meterstream.collectors.config import CollectorConfig
 from meterstream.errors import UserError
 from meterstream.pipeline import topics
+from meterstream.spool import SpoolDir
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,6 @@ _FRAME = struct.Struct("<II")  # payload length, crc32 of the payload
 _BODY = struct.Struct("<QHHIH")  # seq, len(topic), len(key), len(value), number of headers
 _HEADER = struct.Struct("<HH")  # len(header key), len(header value)
 SPOOL_PREFIX, SPOOL_SUFFIX = "spool-", ".rec"
-LOCK_NAME = "lock"
 
 
 def encode_record(r: Record) -> bytes:
@@ -115,76 +113,32 @@ def decode_records(data: bytes) -> tuple[list[Record], int]:
     return out, pos
 
 
-class SpoolLocked(UserError):
-    """Another process uses the spool directory."""
+class Spool(SpoolDir):
+    """A spool of length-prefixed records (meterstream.spool), one process per directory.
 
+    `append` takes whole records up to the bound; a file is deleted only after every record in
+    it was acknowledged by the broker; a torn last record is cut off."""
 
-class Spool:
-    """A directory of append-only files of length-prefixed records, oldest first; thread-safe.
-
-    `append` writes whole records, flushes and fsyncs before it returns (one fsync per call: a
-    flush). A file is deleted only after every record in it was acknowledged by the broker
-    (`remove`). Files left by an earlier run are replayed first; a torn tail is cut off. One
-    process per directory (an flock on `lock`); the total size is bounded by `max_bytes`.
-    """
+    prefix, suffix, what = SPOOL_PREFIX, SPOOL_SUFFIX, "collector spool"
 
     def __init__(self, directory: str | os.PathLike[str], max_bytes: int = 256 << 20,
                  file_bytes: int = 4 << 20) -> None:
-        self.dir = Path(directory)
-        self.max_bytes = max_bytes
-        self.file_bytes = file_bytes
-        self.lock = threading.Lock()
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._lockfile: IO[bytes] | None = open(self.dir / LOCK_NAME, "ab")  # noqa: SIM115
-        except OSError as exc:
-            raise UserError(f"cannot use the spool directory: {exc.strerror}",
-                            where=str(self.dir)) from None
-        try:
-            fcntl.flock(self._lockfile.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lockfile.close()
-            self._lockfile = None
-            raise SpoolLocked("another collector process uses this spool directory: give each "
-                              "process its own", where=str(self.dir)) from None
-        self._files: deque[Path] = deque(sorted(self.dir.glob(f"{SPOOL_PREFIX}*{SPOOL_SUFFIX}")))
-        self._sizes = {p: p.stat().st_size for p in self._files}
-        self.bytes = sum(self._sizes.values())
-        self._seq = max((self._seq_of(p) for p in self._files), default=0)
-        self._active: IO[bytes] | None = None
-        self._active_path: Path | None = None
+        super().__init__(directory, max_bytes, file_bytes, exclusive=True)
 
     @staticmethod
-    def _seq_of(p: Path) -> int:
-        try:
-            return int(p.name[len(SPOOL_PREFIX):-len(SPOOL_SUFFIX)])
-        except ValueError:
-            return 0
-
-    def __len__(self) -> int:
-        """Files in the spool."""
-        return len(self._files)
+    def complete(data: bytes) -> int:
+        return decode_records(data)[1]
 
     def max_seq(self) -> int:
         """The highest record seq in the spool (0 if empty): a restarted sink numbers after it."""
         top = 0
-        with self.lock:
-            for p in self._files:
-                recs, _n = decode_records(p.read_bytes())
-                top = max([top, *(r.seq for r in recs)])
+        for p in self.files():
+            recs, _n = decode_records(p.read_bytes())
+            top = max([top, *(r.seq for r in recs)])
         return top
-
-    def _sync_dir(self) -> None:
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def append(self, records: list[Record]) -> int:
         """Append records durably, in order; how many were taken (the rest: the bound)."""
-        if not records:
-            return 0
         with self.lock:
             blobs = []
             size = self.bytes
@@ -194,65 +148,17 @@ class Spool:
                     break
                 blobs.append(b)
                 size += len(b)
-            if not blobs:
-                return 0
-            if self._active is None or self._sizes[self._active_path] >= self.file_bytes:  # type: ignore[index]
-                self._close_active()
-                self._seq += 1
-                self._active_path = self.dir / f"{SPOOL_PREFIX}{self._seq:012d}{SPOOL_SUFFIX}"
-                self._active = open(self._active_path, "ab")  # noqa: SIM115 (kept open)
-                self._files.append(self._active_path)
-                self._sizes[self._active_path] = 0
-                self._sync_dir()
-            data = b"".join(blobs)
-            self._active.write(data)
-            self._active.flush()
-            os.fsync(self._active.fileno())
-            self._sizes[self._active_path] += len(data)  # type: ignore[index]
-            self.bytes += len(data)
+            if blobs:
+                self._append_locked(b"".join(blobs))
             return len(blobs)
 
-    def _close_active(self) -> None:
-        if self._active is not None:
-            self._active.close()
-            self._active = None
-            self._active_path = None
-
     def oldest(self) -> tuple[Path, list[Record]] | None:
-        """The oldest file and its records (closed to appends if it was the active one)."""
-        with self.lock:
-            while self._files:
-                p = self._files[0]
-                if p == self._active_path:
-                    self._close_active()
-                data = p.read_bytes()
-                recs, used = decode_records(data)
-                if used < len(data):
-                    log.warning("collector spool %s: dropping a torn tail of %d bytes (the "
-                                "process stopped in the middle of an append)", p, len(data) - used)
-                if recs:
-                    return p, recs
-                self._remove_locked(p)
+        """The oldest file and its records."""
+        got = self.oldest_bytes()
+        if got is None:
             return None
-
-    def remove(self, p: Path) -> None:
-        with self.lock:
-            self._remove_locked(p)
-
-    def _remove_locked(self, p: Path) -> None:
-        if p == self._active_path:
-            self._close_active()
-        p.unlink(missing_ok=True)
-        self._files.remove(p)
-        self.bytes -= self._sizes.pop(p, 0)
-        self._sync_dir()
-
-    def close(self) -> None:
-        with self.lock:
-            self._close_active()
-            if self._lockfile is not None:
-                self._lockfile.close()
-                self._lockfile = None
+        p, data = got
+        return p, decode_records(data)[0]
 
 
 # --- the sink ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from meterstream.collectors.batch import NO_DRIFT, OUTCOME_ERROR, CollectorEvent, ReadingBatch
 from meterstream.collectors.commands import CommandResult
+from meterstream.spool import SpoolDir
 
 if TYPE_CHECKING:
     from meterstream.tomlcheck import TomlTable
@@ -301,103 +302,30 @@ def load_influx_config(t: TomlTable, base_dir: Path | None = None) -> InfluxConf
 
 # --- the spool ---------------------------------------------------------------------------------
 
-class Spool:
-    """A directory of append-only line-protocol files, oldest first; thread-safe.
+class Spool(SpoolDir):
+    """A spool of line-protocol files (meterstream.spool): each append is whole lines; a torn
+    tail is cut at its last complete line."""
 
-    Each append is whole lines, flushed and fsync'd before it returns. A file is deleted only
-    after the server accepted all of it. Files left by an earlier run are picked up at start;
-    a torn tail (a crash in the middle of an append) is cut at its last complete line.
-    """
+    prefix, suffix, what = SPOOL_PREFIX, SPOOL_SUFFIX, "influx spool"
 
     def __init__(self, directory: Path, max_bytes: int, file_bytes: int = 4 << 20) -> None:
-        self.dir = Path(directory)
-        self.max_bytes = max_bytes
-        self.file_bytes = file_bytes
-        self.lock = threading.Lock()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._files: deque[Path] = deque(sorted(self.dir.glob(f"{SPOOL_PREFIX}*{SPOOL_SUFFIX}")))
-        self._sizes = {p: p.stat().st_size for p in self._files}
-        self.bytes = sum(self._sizes.values())
-        self._seq = max((self._seq_of(p) for p in self._files), default=0)
-        self._active: Any = None  # the open file appends go to (the newest), or None
-        self._active_path: Path | None = None
+        super().__init__(directory, max_bytes, file_bytes)
 
     @staticmethod
-    def _seq_of(p: Path) -> int:
-        try:
-            return int(p.name[len(SPOOL_PREFIX):-len(SPOOL_SUFFIX)])
-        except ValueError:
-            return 0
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def _sync_dir(self) -> None:
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def complete(data: bytes) -> int:
+        return data.rfind(b"\n") + 1
 
     def append(self, data: bytes) -> bool:
         """Append whole lines (ending in a newline) durably; False when the bound is reached."""
         with self.lock:
             if self.bytes + len(data) > self.max_bytes:
                 return False
-            if self._active is None or self._sizes[self._active_path] >= self.file_bytes:  # type: ignore[index]
-                self._close_active()
-                self._seq += 1
-                self._active_path = self.dir / f"{SPOOL_PREFIX}{self._seq:012d}{SPOOL_SUFFIX}"
-                self._active = open(self._active_path, "ab")  # noqa: SIM115 (kept open)
-                self._files.append(self._active_path)
-                self._sizes[self._active_path] = 0
-                self._sync_dir()
-            self._active.write(data)
-            self._active.flush()
-            os.fsync(self._active.fileno())
-            self._sizes[self._active_path] += len(data)  # type: ignore[index]
-            self.bytes += len(data)
+            self._append_locked(data)
             return True
 
-    def _close_active(self) -> None:
-        if self._active is not None:
-            self._active.close()
-            self._active = None
-            self._active_path = None
-
     def oldest(self) -> tuple[Path, bytes] | None:
-        """The oldest file and its complete lines (closing it to appends if it is the active)."""
-        with self.lock:
-            while self._files:
-                p = self._files[0]
-                if p == self._active_path:
-                    self._close_active()
-                data = p.read_bytes()
-                cut = data.rfind(b"\n") + 1
-                if cut < len(data):
-                    log.warning("influx spool %s: dropping a torn last line of %d bytes (the "
-                                "process stopped in the middle of an append)", p, len(data) - cut)
-                    data = data[:cut]
-                if data:
-                    return p, data
-                self._remove_locked(p)
-            return None
-
-    def remove(self, p: Path) -> None:
-        with self.lock:
-            self._remove_locked(p)
-
-    def _remove_locked(self, p: Path) -> None:
-        if p == self._active_path:
-            self._close_active()
-        p.unlink(missing_ok=True)
-        self._files.remove(p)
-        self.bytes -= self._sizes.pop(p, 0)
-        self._sync_dir()
-
-    def close(self) -> None:
-        with self.lock:
-            self._close_active()
+        """The oldest file and its complete lines."""
+        return self.oldest_bytes()
 
 
 # --- sending -----------------------------------------------------------------------------------
