@@ -440,3 +440,30 @@ def test_field_archive_loads(tmp_path: Path) -> None:
     run(main())
 
 
+
+
+def test_commands_of_one_terminal_overlap(tmp_path: Path) -> None:
+    """A command waiting for its read-back does not hold back the next command on the same
+    terminal: both 1CH frames go out before the first relay has moved."""
+    async def main() -> None:
+        port = PortHold()
+        field = make_field(collector_port=port.port)
+        async with field:
+            cfg = dataclasses.replace(collector_config(), confirm_timeout_s=10.0)
+            col, _sink = await started(field, tmp_path, cfg, port)
+            try:
+                plan = col.archive.terminals["A001-C001"]
+                meters = [plan.address_text(k) for k in range(plan.n)
+                          if plan.meter_protocol[k] == P2007][:2]
+                rows = [field.meter(m) for m in meters]
+                jobs = [asyncio.ensure_future(col.execute(Command(m, "trip"))) for m in meters]
+                # the field's clock stands still, so no relay moves: both are sent all the same
+                await wait_until(lambda: all(field.bank.relay_command_open[i] for i in rows),
+                                 what="both 1CH commands on the wire")
+                async with Background(lambda: field.advance(1.0)):
+                    results = await asyncio.wait_for(asyncio.gather(*jobs), WAIT)
+                assert [r.outcome for r in results] == [CONFIRMED, CONFIRMED]
+            finally:
+                await col.stop()
+
+    run(main())

@@ -701,16 +701,18 @@ class Dlt645Session:
         if self.link is None or self.link.transport is None:
             return
         if self.jobs:
+            # the first job with a request ready goes; one waiting for its next read-back
+            # neither blocks the jobs behind it nor polling (commands of one terminal overlap)
             now = self.loop.time()
-            while self.jobs:
-                job = self.jobs[0]
+            wake: float | None = None
+            for job in list(self.jobs):
                 req = job.next_request(self, now)
                 if req is None:
-                    self.jobs.popleft()
+                    self.jobs.remove(job)
                     continue
                 if isinstance(req, float):
-                    self._wake_at(req)  # it waits (a read-back later): polling goes on
-                    break
+                    wake = req if wake is None else min(wake, req)
+                    continue
                 self.cur = _JOB
                 self.cur_job = job
                 self.cur_wire = job.wire or b""
@@ -718,6 +720,8 @@ class Dlt645Session:
                 self.cur_di = job.di_wire
                 self._send(req)
                 return
+            if wake is not None:
+                self._wake_at(wake)
         if self.in_cycle:
             self._poll_next()
 
