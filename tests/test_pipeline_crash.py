@@ -259,7 +259,7 @@ def test_two_workers_share_and_one_takes_over(tmp_path: Path) -> None:
             batches[half - 1][1]).started_ns + CYCLE_NS]
         asyncio.run(produce(broker.bootstrap, batches[:half], first, pace_s=0.01))
         # both hold terminals
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
                 held = (a.get("/api/summary")["terminals_held"],

@@ -32,7 +32,15 @@ from meterstream.errors import UserError
 from meterstream.kernels import billing as K
 from meterstream.kernels import collection as C
 from meterstream.kernels.billing import Billing
-from meterstream.kernels.layout import PaymentIdConflict, from_bytes, to_bytes
+from meterstream.kernels.layout import (
+    BLOCK_MAGIC,
+    BLOCK_VERSION,
+    COLD_DTYPE,
+    HOT_DTYPE,
+    PaymentIdConflict,
+    from_bytes,
+    to_bytes,
+)
 from meterstream.kernels.tariffs import P_CUTOFF
 from meterstream.pipeline import topics
 from meterstream.pipeline.commands import (
@@ -46,6 +54,9 @@ from meterstream.pipeline.tariffs import compile_spec, load_tariffs
 
 STATE_MAGIC = b"MSW1"
 _STATE_HEAD = struct.Struct("<4sqII")  # magic, last batch started_ns, len(block), len(book)
+# layout.to_bytes's block header (magic, version, hot size, cold size, 0, meters, payments):
+# state_of writes a block without payments itself, byte for byte what to_bytes writes
+_BLOCK_HEAD = struct.Struct("<4sHHHHII")
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,15 @@ class WorkerCore:
         self.now = now
         self.addresses = [f"{int(a):012d}" for a in self.fleet.cold["address"]]
         self.slot_of = {int(a): s for s, a in enumerate(self.fleet.cold["address"].tolist())}
+        # the same map as sorted arrays, for a batch's meters at once (np.searchsorted)
+        address = self.fleet.cold["address"].astype(np.int64)
+        order = np.argsort(address, kind="stable")
+        self._addr_sorted = address[order]
+        self._addr_slot = order.astype(np.int64)
+        # each terminal's command book as state_of last wrote it: (book, bytes); a book is
+        # serialised again only after it changed (every change leaves an audit record or a
+        # work order to drain, see _dispatch and state_of)
+        self._book_bytes: dict[str, tuple[CommandBook, bytes]] = {}
         self.terminal_index = {t: i for i, t in enumerate(self.fleet.terminal_ids)}
         self.books: dict[str, CommandBook] = {}
         self.last_batch: dict[str, int] = {}
@@ -148,15 +168,46 @@ class WorkerCore:
             b = self.books[terminal] = CommandBook(terminal, self.policy)
         return b
 
+    def slots_of(self, meters: np.ndarray) -> np.ndarray:
+        """The slot of each meter address (int64), -1 for one not in the archive."""
+        n = self._addr_sorted.shape[0]
+        meters = np.asarray(meters, np.int64)
+        if n == 0:
+            return np.full(meters.shape[0], -1, np.int64)
+        i = np.minimum(np.searchsorted(self._addr_sorted, meters), n - 1)
+        return np.where(self._addr_sorted[i] == meters, self._addr_slot[i], -1)
+
+    def _block_bytes(self, t: int) -> bytes:
+        """layout.to_bytes(fleet, t), without its per-meter Python loop when no meter of the
+        block has a payment (the common case); the same bytes either way."""
+        fleet = self.fleet
+        sl = fleet.block(t)
+        cold = fleet.cold[sl]
+        if np.any(cold["pay_head"] >= 0):
+            return to_bytes(fleet, t)
+        cold = cold.copy()
+        cold["terminal"] = 0  # fleet-local (pay_head is -1 already): as to_bytes writes it
+        head = _BLOCK_HEAD.pack(BLOCK_MAGIC, BLOCK_VERSION, HOT_DTYPE.itemsize,
+                                COLD_DTYPE.itemsize, 0, sl.stop - sl.start, 0)
+        return b"".join([head, fleet.hot[sl].tobytes(), cold.tobytes()])
+
+    def _book_state(self, terminal: str) -> bytes:
+        book = self.book(terminal)
+        held = self._book_bytes.get(terminal)
+        # undrained records: the book changed since it was last serialised
+        if held is None or held[0] is not book or book._audit or book._events:
+            held = self._book_bytes[terminal] = (book, book.to_bytes())
+        return held[1]
+
     def state_of(self, terminal: str) -> bytes:
         """The terminal's whole state: billing block (with its payment ledger), command book,
         and the last batch applied."""
         t = self.terminal_index[terminal]
-        block = to_bytes(self.fleet, t)
-        book = self.book(terminal).to_bytes()
+        block = self._block_bytes(t)
+        book = self._book_state(terminal)
         head = _STATE_HEAD.pack(STATE_MAGIC, self.last_batch.get(terminal, 0), len(block),
                                 len(book))
-        return head + block + book
+        return b"".join([head, block, book])
 
     def load_state(self, terminal: str, data: bytes) -> None:
         """Put back what `state_of` wrote (ValueError for a damaged or foreign block)."""
@@ -171,6 +222,7 @@ class WorkerCore:
         pos = _STATE_HEAD.size
         from_bytes(self.fleet, t, data[pos:pos + n_block])
         self.books[terminal] = CommandBook.from_bytes(data[pos + n_block:], self.policy)
+        self._book_bytes.pop(terminal, None)
         self.last_batch[terminal] = last
 
     # --- messages in --------------------------------------------------------------------------
@@ -191,21 +243,19 @@ class WorkerCore:
         self.last_batch[terminal] = batch.started_ns
         self.counters["batches"] += 1
         t_idx = self.terminal_index[terminal]
-        all_slots = np.fromiter((self.slot_of.get(int(m), -1) for m in batch.meter), np.int64,
-                                len(batch))
+        all_slots = self.slots_of(batch.meter)
         self.collection.apply_collection_batch(  # success rates, last seen, silent meters
             t_idx, batch.started_ns, all_slots.astype(np.int32), batch.ts,
             batch.outcome.astype(np.int8), batch.registers[:, 0].copy(), self.rules)
         if self.influx is not None:
             from meterstream.pipeline.influx import BatchMeta
 
-            cls = np.array([self.meter_class[s] if s >= 0 else C.CLASS_LOWVOLTAGE
-                            for s in all_slots.tolist()], np.int8)
+            cls = np.where(all_slots >= 0, self.meter_class[np.maximum(all_slots, 0)],
+                           C.CLASS_LOWVOLTAGE).astype(np.int8)
             self.influx.write_batch(batch, BatchMeta(self.terminal_area[t_idx], cls))
         ok = (batch.outcome == OUTCOME_OK) & (batch.registers[:, 0] >= 0)
         meters = batch.meter[ok]
-        slots = np.fromiter((self.slot_of.get(int(m), -1) for m in meters), np.int64,
-                            meters.shape[0])
+        slots = all_slots[ok]
         out: list[Out] = []
         known = slots >= 0
         block = self.fleet.block(t_idx)
@@ -459,9 +509,12 @@ class WorkerCore:
             doc = {"id": wire.id, "terminal": terminal, "meter": wire.meter,
                    "action": wire.action, "reason": wire.reason, "who": c.who}
             out.append(Out(topics.COMMANDS.name, terminal, json.dumps(doc).encode()))
-        for rec in book.drain_audit():
+        audit, work_orders = book.drain_audit(), book.drain_events()
+        if audit or work_orders:
+            self._book_bytes.pop(terminal, None)  # changed: serialised again by state_of
+        for rec in audit:
             out.append(Out(topics.EVENTS.name, terminal, rec.to_json().encode()))
-        for wo in book.drain_events():
+        for wo in work_orders:
             out.append(Out(topics.EVENTS.name, terminal, wo.to_json().encode()))
         return out
 
