@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from meterstream.collectors.batch import OUTCOME_OK, CollectorEvent, ReadingBatch
+from meterstream.collectors.batch import OUTCOME_OK, ReadingBatch
 from meterstream.errors import UserError
 from meterstream.kernels import billing as K
 from meterstream.kernels import collection as C
@@ -109,7 +109,6 @@ class WorkerCore:
         self.policy = policy or CommandPolicy()
         self.now = now
         self.addresses = [f"{int(a):012d}" for a in self.fleet.cold["address"]]
-        self.slot_of = {int(a): s for s, a in enumerate(self.fleet.cold["address"].tolist())}
         # the same map as sorted arrays, for a batch's meters at once (np.searchsorted)
         address = self.fleet.cold["address"].astype(np.int64)
         order = np.argsort(address, kind="stable")
@@ -167,6 +166,10 @@ class WorkerCore:
         if b is None:
             b = self.books[terminal] = CommandBook(terminal, self.policy)
         return b
+
+    def slot(self, address: int) -> int:
+        """The slot of one meter address, -1 if it is not in the archive."""
+        return int(self.slots_of(np.array([address], np.int64))[0])
 
     def slots_of(self, meters: np.ndarray) -> np.ndarray:
         """The slot of each meter address (int64), -1 for one not in the archive."""
@@ -324,7 +327,7 @@ class WorkerCore:
             p = Payment.from_json(value)
         except ValueError as exc:
             return [self._dead("payments", value, str(exc))]
-        s = self.slot_of.get(p.meter, -1)
+        s = self.slot(p.meter)
         if s < 0 or self.fleet.terminal_ids[int(self.fleet.cold["terminal"][s])] != terminal:
             return [self._dead("payments", value,
                                f"meter {p.address} is not behind terminal {terminal}")]
@@ -526,7 +529,7 @@ class WorkerCore:
     # --- views for the API --------------------------------------------------------------------
 
     def meter_view(self, address: str) -> dict[str, Any] | None:
-        s = self.slot_of.get(int(address), -1) if address.isdigit() else -1
+        s = self.slot(int(address)) if address.isdigit() else -1
         if s < 0:
             return None
         hot, cold = self.fleet.hot[s], self.fleet.cold[s]
@@ -545,10 +548,4 @@ class WorkerCore:
         return int(self.fleet.hot["balance"].sum())
 
 
-def event_from_json(value: bytes) -> dict[str, Any]:
-    """A LINKS message (CollectorEvent.to_json) as a dict."""
-    doc: dict[str, Any] = json.loads(value)
-    return doc
-
-
-__all__ = ["CollectorEvent", "Out", "WorkerCore", "event_from_json"]
+__all__ = ["Out", "WorkerCore"]

@@ -43,22 +43,10 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def bootstrap_of(url: str) -> str:
-    """`kafka://h1:p1,h2:p2` -> `h1:p1,h2:p2`, checked."""
-    if not url.startswith("kafka://"):
-        raise UserError(f"{url!r}: give kafka://HOST:PORT", where="--broker")
-    hosts = url[len("kafka://"):].rstrip("/")
-    for hp in hosts.split(","):
-        host, sep, port = hp.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-            raise UserError(f"{hp!r} is not HOST:PORT (e.g. kafka://127.0.0.1:9092)",
-                            where="--broker")
-    return hosts
-
-
 def run(args: argparse.Namespace) -> int:
     from meterstream.collectors.archive import load_archive
     from meterstream.collectors.config import load_collector_config
+    from meterstream.pipeline.cli._kafka import bootstrap_of
     from meterstream.pipeline.cli._terminal import run_loop
 
     bootstrap = bootstrap_of(args.broker)

@@ -54,20 +54,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def bootstrap_of(url: str) -> str:
-    """aiokafka's bootstrap_servers of `kafka://host:port[,host:port...]`; UserError if not."""
-    hint = f"expected kafka://HOST:PORT, found {url!r}"
-    if not url.startswith("kafka://"):
-        raise UserError(hint, where="--broker")
-    hosts = []
-    for part in url.removeprefix("kafka://").rstrip("/").split(","):
-        host, sep, port = part.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise UserError(hint, where="--broker")
-        hosts.append(f"{host}:{int(port)}")
-    return ",".join(hosts)
-
-
 def _zone(name: str | None) -> np.ndarray:
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -113,6 +99,8 @@ def _check(doc: dict[str, str], zone: np.ndarray) -> Payment | Refusal:
 
 
 def run(args: argparse.Namespace) -> int:
+    from meterstream.pipeline.cli._kafka import bootstrap_of
+
     bootstrap = bootstrap_of(args.broker)
     zone = _zone(args.timezone)
     if args.file is not None:

@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from meterstream.errors import UserError
+    from meterstream.pipeline.cli._kafka import bootstrap_of
     from meterstream.pipeline.cli._terminal import run_loop
-    from meterstream.pipeline.cli.pay import bootstrap_of
     from meterstream.pipeline.config import load_worker_config
 
     bootstrap = bootstrap_of(args.broker)
