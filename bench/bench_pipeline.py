@@ -901,11 +901,11 @@ def main() -> None:
     ap.add_argument("--naive-terminals", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--payments", type=int, default=200)
-    ap.add_argument("--payment-gap-s", type=float, default=1.0)
-    ap.add_argument("--relay-delay-s", type=float, default=3.0,
-                    help="the field's relay delay (field-demo.toml: 3.0; the demo runs at speed 1)")
+    ap.add_argument("--payment-gap-s", type=float, default=3.0)
+    ap.add_argument("--relay-delay-s", type=float, default=1.0,
+                    help="the field's relay delay (field-demo.toml: 1.0; the demo runs at speed 1)")
     ap.add_argument("--confirm-poll-s", type=float, default=0.5,
-                    help="the collector's read-back interval (config/collector.toml: 2.0)")
+                    help="the collector's read-back interval (config/collector.toml: 0.5)")
     ap.add_argument("--name", default="pipeline")
     args = ap.parse_args()
     parts = {"worker", "naive", "latency"} if args.part == "all" else (

@@ -70,6 +70,8 @@ from meterstream.collectors.sink import Sink
 __all__ = ["ControlJob", "Dlt645Session", "Link", "ReadJob"]
 
 STATUS_DI = 0x04000503
+#: read-backs of a command's relay state sent back to back before they leave room for polling
+FAST_READBACKS = 10
 DATE_DI, TIME_DI = 0x04000101, 0x04000102
 DATE_97, TIME_97 = 0xC010, 0xC011
 TOTAL_97 = 0x9010
@@ -225,6 +227,7 @@ class ControlJob(_Job):
         self.func = CONTROL
         self.di_wire = b""
         self.next_at = 0.0
+        self.readback_at = 0.0
         self.confirm_by = 0.0
         self.sends_left = s.poll.retries + 1
         self.status_frame = encode_read(self.address, STATUS_DI, preamble=s.poll.preamble)
@@ -269,7 +272,18 @@ class ControlJob(_Job):
             return self.next_at
         self.func, self.di_wire = READ, STATUS_DI.to_bytes(4, "little")
         self.result.readbacks += 1
+        self.readback_at = now
         return self.status_frame
+
+    def _read_back_later(self, s: Dlt645Session, now: float) -> None:
+        # The first FAST_READBACKS go every confirm_poll_s counted from one request to the next
+        # (on a slow bus that is back to back: a reconnection goes before polling); a relay that
+        # has still not moved leaves room for the poll: every 4 x confirm_poll_s after a reply.
+        poll_s = s.cfg.confirm_poll_s
+        if self.result.readbacks < FAST_READBACKS:
+            self.next_at = self.readback_at + poll_s
+        else:
+            self.next_at = now + 4 * poll_s
 
     def on_reply(self, s: Dlt645Session, frame: Frame) -> None:
         now = s.loop.time()
@@ -288,7 +302,7 @@ class ControlJob(_Job):
             self.confirm_by = now + s.cfg.confirm_timeout_s
             return
         if frame.control & 0x40 or len(frame.data) < 6:
-            self.next_at = now + s.cfg.confirm_poll_s
+            self._read_back_later(s, now)
             return
         word = frame.data[4] | (frame.data[5] << 8)
         self.result.status = word
@@ -297,7 +311,7 @@ class ControlJob(_Job):
                       "acknowledgement lost; status word 3 confirms it")
             self._finish(s, CONFIRMED, detail)
         else:
-            self.next_at = now + s.cfg.confirm_poll_s
+            self._read_back_later(s, now)
 
     def on_fail(self, s: Dlt645Session, why: int) -> None:
         if self.state == "readback":
@@ -322,6 +336,7 @@ class Dlt645Session:
         self.phase_s = phase_s
         self.connect_limit = connect_limit
         self.stats = SessionStats()
+        self.exchange_s = 0.0  # smoothed request -> reply time on this link
         self.loop = asyncio.get_event_loop()
         self.rng = random.Random(plan.id)
         n = plan.n
@@ -615,6 +630,9 @@ class Dlt645Session:
             self.stats.stale += 1
             return
         self.proven = True
+        # how long an exchange takes on this link (request written -> reply), smoothed
+        self.exchange_s += (self.loop.time() - self.deadline + self.poll.timeout_s
+                            - self.exchange_s) * 0.125
         if self.cur == _POLL:
             self._poll_reply(frame)
         else:
@@ -722,6 +740,8 @@ class Dlt645Session:
                 return
             if wake is not None:
                 self._wake_at(wake)
+                if wake - now < self.exchange_s:
+                    return  # a job's request is due before a poll read would be over: wait
         if self.in_cycle:
             self._poll_next()
 
