@@ -233,3 +233,30 @@ def test_dropouts_are_one_area_alarm_and_kpis_count_reads(tmp_path: Path) -> Non
     fresh = WorkerCore(tmp_path / "a.csv", tmp_path / "t.toml", now=clock)
     clock.t += 40 * 60 * 10**9
     assert fresh.detect_dropouts([]) == []
+
+
+def test_billing_follows_the_relay_an_operator_closed(core: WorkerCore) -> None:
+    m = 330010010001
+    core.on_link("T1", {"kind": "up"})
+    core.on_batch(batch("T1", T0, [(m, T0, 100_00, OUTCOME_OK)]))
+    (trip,) = of(core.on_batch(batch("T1", T0 + H, [(m, T0 + H, 103_50, OUTCOME_OK)])),
+                 topics.COMMANDS.name)
+    core.on_result("T1", {"id": trip["id"], "outcome": "confirmed", "detail": "ok",
+                          "sent": "2024-06-01T01:00:01+00:00", "done": "2024-06-01T01:00:03+00:00",
+                          "status": {"word": "0050"}})
+    assert core.meter_view("330010010001")["relay"] == "open"
+    # an operator closes the relay of the customer still in arrears
+    (close,) = of(core.manual("T1", "330010010001", "close", "alice", "medical equipment"),
+                  topics.COMMANDS.name)
+    done = {"id": close["id"], "outcome": "confirmed", "detail": "ok",
+            "sent": "2024-06-01T01:10:01+00:00", "done": "2024-06-01T01:10:03+00:00",
+            "status": {"word": "0000"}}
+    core.on_result("T1", done)
+    assert core.meter_view("330010010001")["relay"] == "closed"
+    # a replay of an older result changes nothing
+    core.on_result("T1", {**trip, "outcome": "confirmed", "status": {"word": "0050"},
+                          "done": "2024-06-01T01:00:03+00:00"})
+    assert core.meter_view("330010010001")["relay"] == "closed"
+    # billing decides on the relay as it is: still below the cut-off, so it is cut off again
+    out = core.on_batch(batch("T1", T0 + 2 * H, [(m, T0 + 2 * H, 103_60, OUTCOME_OK)]))
+    assert [c["action"] for c in of(out, topics.COMMANDS.name)] == ["trip"]

@@ -395,6 +395,15 @@ class WorkerCore:
             sent=result.get("sent") is not None or result["outcome"] != "unconfirmed")
         if not changed:
             self.counters["stale_results"] += 1
+        elif result["outcome"] == "confirmed" and result.get("status"):
+            c = self.book(terminal).get(result["id"])
+            if c is not None and c.who != "kernel":
+                # An operator's command moved the relay: billing follows the meter's status
+                # word (bit4), so that it decides on the relay as it is. The kernel's own
+                # commands need nothing: it set relay_open when it decided them.
+                s = self.slot(int(c.meter))
+                if s >= 0:
+                    self.fleet.hot["relay_open"][s] = (int(result["status"]["word"], 16) >> 4) & 1
         return self._dispatch(terminal)
 
     def manual(self, terminal: str, meter: str, action: str, who: str, why: str) -> list[Out]:
@@ -542,6 +551,66 @@ class WorkerCore:
                 "last_reading": _iso(int(hot["last_ts"])) if hot["has_baseline"] else None,
                 "commands": [c.to_dict() for c in self.book(terminal).open_commands()
                              if c.meter == address]}
+
+    # --- read-only queries for the dashboard (pipeline/api.py, docs/dashboard.md) -----------
+
+    def kpi_view(self) -> dict[str, Any]:
+        """kpi_snapshot's figures as of now, without writing them to InfluxDB (the dashboard
+        asks every second; the sink gets the worker's kpi_s timer only). Synchronous: nothing
+        else runs while the sink is set aside."""
+        influx, self.influx = self.influx, None
+        try:
+            return self.kpi_snapshot()
+        finally:
+            self.influx = influx
+
+    def meter_collection(self, s: int) -> dict[str, Any]:
+        """Collection figures of one slot: last ok read, failed reads since, flags."""
+        st = self.collection
+        read_ns = int(st.meter_read_ns[s])
+        return {"last_read": _iso(read_ns) if read_ns > 0 else None,
+                "fail_streak": int(st.meter_fail_streak[s]), "flags": int(st.meter_flags[s]),
+                "area": self.areas[int(self.meter_area[s])],
+                "class": ("dedicated", "public", "lowvoltage")[int(self.meter_class[s])]}
+
+    def reconnection_stats(self) -> dict[str, Any]:
+        """复电及时率 over every book: confirmed within target of all ended, and the latency
+        distribution of the confirmed ones (counts per bound of policy.latency_bounds_s)."""
+        p = self.policy
+        counts = [0] * (len(p.latency_bounds_s) + 1)
+        confirmed = within = failed = 0
+        for b in self.books.values():
+            t = b.timeliness()
+            confirmed, within, failed = (confirmed + t.confirmed, within + t.within_target,
+                                         failed + t.failed)
+            if t.bounds_s == p.latency_bounds_s:
+                counts = [x + y for x, y in zip(counts, t.counts)]
+        ended = confirmed + failed
+
+        def num(x: float) -> float | int:  # 300.0 -> 300: the same text in JSON and on a page
+            return int(x) if float(x).is_integer() else x
+
+        return {"target_s": num(p.timeliness_target_s), "confirmed": confirmed,
+                "within_target": within, "failed": failed,
+                "timely_bp": within * 10_000 // ended if ended else None,
+                "bounds_s": [num(b) for b in p.latency_bounds_s], "counts": counts}
+
+    def open_alarms(self) -> list[dict[str, Any]]:
+        """Alarms standing now: mass dropouts per area, offline terminals (the kernels'
+        state), and open escalations are the API's (work orders)."""
+        st = self.collection
+        out: list[dict[str, Any]] = []
+        for a in np.flatnonzero(st.area_alarm).tolist():
+            out.append({"kind": "area_dropout", "area": self.areas[a],
+                        "since": _iso(int(st.area_alarm_since_ns[a])),
+                        "offline": int(st.area_offline[a]),
+                        "terminals": int(st.area_terminals[a])})
+        for t in np.flatnonzero(st.term_alarm == C.ALARM_RAISED).tolist():  # covered: by area
+            out.append({"kind": "terminal_offline", "terminal": self.fleet.terminal_ids[t],
+                        "area": self.terminal_area[t],
+                        "since": _iso(int(st.term_offline_since_ns[t])),
+                        "missed_cycles": int(st.term_missed[t])})
+        return out
 
     def balances_micro(self) -> int:
         """Sum of balances, micro-yuan (the money invariant's right-hand side)."""
