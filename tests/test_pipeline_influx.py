@@ -67,6 +67,16 @@ def test_readings_reach_victoria_metrics_across_an_outage(tmp_path: Path) -> Non
                         break
                     await asyncio.sleep(0.5)
                 assert got == n_readings  # every reading once: none lost, none twice
+                # and the balances after each batch: a point per billed reading
+                billed = core.counters["readings"]
+                assert billed > 0
+                end = time.monotonic() + WAIT
+                while True:
+                    bal = vm.samples('{__name__="balance_balance_microyuan"}')
+                    if sum(bal.values()) >= billed or time.monotonic() > end:
+                        break
+                    await asyncio.sleep(0.5)
+                assert sum(bal.values()) == billed
             finally:
                 await producer.stop()
                 await worker.stop()

@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from meterstream.collectors.batch import OUTCOME_OK, ReadingBatch
+from meterstream.collectors.batch import OUTCOME_OK, CollectorEvent, ReadingBatch
+from meterstream.collectors.commands import Command as WireCommand
+from meterstream.collectors.commands import CommandResult
 from meterstream.errors import UserError
 from meterstream.kernels import billing as K
 from meterstream.kernels import collection as C
@@ -43,14 +45,22 @@ from meterstream.kernels.layout import (
 )
 from meterstream.kernels.tariffs import P_CUTOFF
 from meterstream.pipeline import topics
+from meterstream.collectors.commands import ACTIONS as WIRE_ACTIONS
 from meterstream.pipeline.commands import (
+    CANCELLED,
     CUTOFF,
+    ESCALATED,
     MANUAL_ACTIONS,
+    QUEUED,
     RECONNECT,
     CommandBook,
     CommandPolicy,
 )
 from meterstream.pipeline.tariffs import compile_spec, load_tariffs
+
+#: command states the pipeline writes to InfluxDB itself (the collectors' outcomes come with
+#: their results): a queued command waits for its terminal, the other two are final.
+PIPELINE_OUTCOMES = frozenset({QUEUED, ESCALATED, CANCELLED})
 
 STATE_MAGIC = b"MSW1"
 _STATE_HEAD = struct.Struct("<4sqII")  # magic, last batch started_ns, len(block), len(book)
@@ -281,8 +291,18 @@ class WorkerCore:
                 out.extend(self._reading_events(terminal, int(slots[i]), int(ts[i]),
                                                 int(outcome[i]), int(detail[i]),
                                                 int(action[i])))
+            self._write_balances(terminal, slots, batch.ended_ns)
         out.extend(self._dispatch(terminal))
         return out
+
+    def _write_balances(self, terminal: str, slots: np.ndarray, ts_ns: int) -> None:
+        """`balance` points of these meters as they are now (InfluxDB, when configured)."""
+        if self.influx is None:
+            return
+        hot = self.fleet.hot
+        self.influx.write_balances(terminal, self.terminal_area[self.terminal_index[terminal]],
+                                   self.fleet.cold["address"][slots], hot["balance"][slots],
+                                   hot["relay_open"][slots], ts_ns, self.meter_class[slots])
 
     def _reading_events(self, terminal: str, s: int, ts: int, outcome: int, detail: int,
                         act: int) -> list[Out]:
@@ -354,6 +374,8 @@ class WorkerCore:
                 # a queued cut-off the payment makes unnecessary is cancelled, never sent
                 self.book(terminal).cancel_cutoffs(meter, f"payment {p.payment_id} lifted "
                                                    "the balance", self.now())
+        if res == K.PAY_APPLIED:
+            self._write_balances(terminal, np.array([s], np.int64), p.ts)
         out.extend(self._decisions(terminal, s, p.ts, act, cause_ns=p.ts,
                                    why=f"payment {p.payment_id}"))
         out.extend(self._dispatch(terminal))
@@ -366,6 +388,9 @@ class WorkerCore:
             return []
         kind = event.get("kind")
         now = self.now()
+        if self.influx is not None and isinstance(kind, str):
+            self.influx.write_link(CollectorEvent(kind, terminal, now, str(event.get("detail", ""))),
+                                   self.terminal_area[t])
         if kind == "up":
             self.collection.apply_link_event(t, C.LINK_UP, now)
             self.fleet.terminal_online[t] = 1
@@ -395,7 +420,15 @@ class WorkerCore:
             sent=result.get("sent") is not None or result["outcome"] != "unconfirmed")
         if not changed:
             self.counters["stale_results"] += 1
-        elif result["outcome"] == "confirmed" and result.get("status"):
+            return self._dispatch(terminal)
+        if self.influx is not None and result.get("action") in WIRE_ACTIONS:
+            self.influx.write_command(CommandResult(
+                WireCommand(str(result.get("meter", "")), result["action"], id=result["id"]),
+                terminal, result["outcome"], result.get("detail", ""), ns(result.get("sent")),
+                ns(result.get("acknowledged")), ns(result.get("done")),
+                int(result["status"]["word"], 16) if result.get("status") else None,
+                int(result.get("attempts", 0)), int(result.get("readbacks", 0))))
+        if result["outcome"] == "confirmed" and result.get("status"):
             c = self.book(terminal).get(result["id"])
             if c is not None and c.who != "kernel":
                 # An operator's command moved the relay: billing follows the meter's status
@@ -526,6 +559,13 @@ class WorkerCore:
             self._book_bytes.pop(terminal, None)  # changed: serialised again by state_of
         for rec in audit:
             out.append(Out(topics.EVENTS.name, terminal, rec.to_json().encode()))
+            if self.influx is not None and rec.to_state in PIPELINE_OUTCOMES:
+                c = book.get(rec.command_id)
+                if c is not None:  # the pipeline's own states; the collector's are its results
+                    self.influx.write_command(CommandResult(
+                        WireCommand(c.meter, c.wire_action, id=c.id), terminal,
+                        detail=rec.cause, attempts=c.attempts), outcome=rec.to_state,
+                        ts_ns=rec.ts_ns)
         for wo in work_orders:
             out.append(Out(topics.EVENTS.name, terminal, wo.to_json().encode()))
         return out
