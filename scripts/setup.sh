@@ -44,4 +44,9 @@ fi
 if [ "$want_test" = 1 ]; then
     # VictoriaMetrics: a real server of the InfluxDB v2 write API (tests/test_influx.py)
     [ -x /usr/bin/victoria-metrics ] || apt_install victoria-metrics
+    command -v tshark >/dev/null || apt_install tshark   # reads exported pcap (tests/test_record_pcap.py)
+    # Chromium for the dashboard's browser test (Playwright drives it; no browser download),
+    # and a CJK font so its screenshots show the Chinese labels
+    [ -x /usr/bin/chromium ] || apt_install chromium
+    [ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || apt_install fonts-wqy-microhei
 fi

@@ -24,6 +24,88 @@ from meterstream.collectors.sink import Sink
 
 REG_PREFIX = b"$REG,"
 MAX_REG_LINE = 128
+#: per-source buckets kept at most (a scan from many addresses must not grow memory)
+MAX_TRACKED_SOURCES = 65536
+
+
+class TokenBucket:
+    """`rate` tokens a second up to `burst`; `take` spends one when there is one."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def level(self, now: float) -> float:
+        return min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+
+    def take(self, now: float) -> bool:
+        self.tokens = self.level(now)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class RegistrationLimiter:
+    """Dial-in connections allowed per source address and in all (token buckets).
+
+    A connection over either limit is closed before a byte of it is read, and counted; the
+    counts go out as one `rejected` event per `report_s` (never one per attempt: a flood of
+    attempts must not become a flood of events). Per-source buckets that have refilled are
+    forgotten at each report, and at most MAX_TRACKED_SOURCES are kept.
+    """
+
+    def __init__(self, per_ip_rate: float, per_ip_burst: float, global_rate: float,
+                 global_burst: float, now: float) -> None:
+        self.per_ip_rate, self.per_ip_burst = per_ip_rate, per_ip_burst
+        self.all = TokenBucket(global_rate, global_burst, now)
+        self.sources: dict[str, TokenBucket] = {}
+        self.refused = 0  # since start
+        self.window: dict[str, int] = {}  # refused per source since the last report
+        self.window_global = 0  # ... of them refused by the global bucket
+
+    def allow(self, source: str, now: float) -> bool:
+        b = self.sources.get(source)
+        if b is None:
+            if len(self.sources) >= MAX_TRACKED_SOURCES:
+                self.sources.pop(next(iter(self.sources)))
+            b = self.sources[source] = TokenBucket(self.per_ip_rate, self.per_ip_burst, now)
+        if not b.take(now):
+            self._refuse(source)
+            return False
+        if not self.all.take(now):
+            b.tokens = min(b.burst, b.tokens + 1.0)  # not this source's fault
+            self.window_global += 1
+            self._refuse(source)
+            return False
+        return True
+
+    def _refuse(self, source: str) -> None:
+        self.refused += 1
+        if len(self.window) < MAX_TRACKED_SOURCES or source in self.window:
+            self.window[source] = self.window.get(source, 0) + 1
+
+    def report(self, now: float, every_s: float) -> str | None:
+        """What was refused since the last report, as one line (None: nothing), and forget
+        the sources whose buckets are full again."""
+        for src in [s for s, b in self.sources.items() if b.level(now) >= b.burst]:
+            del self.sources[src]
+        if not self.window:
+            return None
+        n = sum(self.window.values())
+        top = sorted(self.window.items(), key=lambda kv: -kv[1])[:3]
+        line = (f"rate limit: {n:,} dial-in connection(s) closed unread in the last "
+                f"{every_s:g} s ({self.window_global:,} over the global limit) from "
+                f"{len(self.window):,} source(s); most from "
+                + ", ".join(f"{s} ({k:,})" for s, k in top))
+        self.window = {}
+        self.window_global = 0
+        return line
 
 
 def phase_of(terminal: str, cycle_s: float) -> float:
@@ -77,11 +159,28 @@ class DialInListener:
         self.any_session = any_session  # one-shot CLI: every connection is this terminal
         self.server: asyncio.Server | None = None
         self.rejected = 0
+        self.limiter: RegistrationLimiter | None = None
+        self._report: asyncio.TimerHandle | None = None
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
+        cfg = self.collector.cfg
+        if cfg.dialin_rate_limit:
+            self.limiter = RegistrationLimiter(cfg.dialin_per_ip_rate, cfg.dialin_per_ip_burst,
+                                               cfg.dialin_global_rate, cfg.dialin_global_burst,
+                                               loop.time())
+            self._report = loop.call_later(cfg.dialin_report_s, self._report_throttled)
         self.server = await loop.create_server(self._accept, host, port, reuse_address=True,
                                                backlog=1024)
+
+    def _report_throttled(self) -> None:
+        assert self.limiter is not None
+        loop = asyncio.get_running_loop()
+        every = self.collector.cfg.dialin_report_s
+        self._report = loop.call_later(every, self._report_throttled)
+        line = self.limiter.report(loop.time(), every)
+        if line is not None:
+            self.collector.sink.event(CollectorEvent("rejected", "?", time.time_ns(), line))
 
     @property
     def port(self) -> int:
@@ -94,6 +193,11 @@ class DialInListener:
         return link
 
     def _made(self, link: Link) -> None:
+        if self.limiter is not None:
+            source = link.peer.rpartition(":")[0]
+            if not self.limiter.allow(source, asyncio.get_running_loop().time()):
+                link.close()  # before reading a byte; counted, reported once per interval
+                return
         reg = _Registration(self, link)
         link.on_data = reg.data
         link.on_lost = reg.lost
@@ -137,6 +241,9 @@ class DialInListener:
         link.close()
 
     async def stop(self) -> None:
+        if self._report is not None:
+            self._report.cancel()
+            self._report = None
         if self.server is not None:
             self.server.close()
             self.server = None

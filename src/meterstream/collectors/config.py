@@ -3,7 +3,9 @@
 Loaded from TOML and checked at start (`load_collector_config`): a bad value is a UserError
 `FILE: KEY: reason`, an unknown key too. Per-terminal overrides live under
 `[terminals."ID"]`. Meter passwords and operator codes are read from the environment variables
-the file names (or, discouraged, from the file itself) and are never shown: `repr` hides them.
+the file names, else from a secrets file (mode 600, outside any repository: $METERSTREAM_SECRETS_FILE
+or `[control] secrets_file`), else (discouraged) from the file itself, and are never shown: `repr`
+hides them, errors name the key, never the value.
 Every key is described in docs/collectors.md.
 """
 
@@ -78,6 +80,13 @@ class CollectorConfig:
     dialin_port: int = 9700
     dialin_enabled: bool = True
     registration_timeout_s: float = 10.0
+    # dial-in registration attempts, token buckets (collector.RegistrationLimiter)
+    dialin_rate_limit: bool = True
+    dialin_per_ip_rate: float = 2.0  # connections a second per source address, sustained
+    dialin_per_ip_burst: float = 20.0
+    dialin_global_rate: float = 200.0  # ... from all sources together
+    dialin_global_burst: float = 2000.0
+    dialin_report_s: float = 60.0  # refused connections are reported once per this interval
     heartbeat_grace: float = 2.5  # missed when silent for grace x heartbeat_s
     heartbeat_down_after: int = 2  # missed heartbeats in a row -> link down
     deadline_min: float = 30.0
@@ -126,16 +135,85 @@ def _poll(t: TomlTable, base: PollConfig) -> PollConfig:
     )
 
 
-def _credentials(t: TomlTable) -> Credentials:
+SECRETS_ENV = "METERSTREAM_SECRETS_FILE"
+SECRET_KEYS = ("meter_password", "operator_code")
+
+
+def _secret(t: TomlTable, k: str, default: str) -> str:
+    """A string that is a secret: a wrong type is named, its value never shown."""
+    v = t.raw(k, default)
+    if not isinstance(v, str):
+        raise t.fail(k, f"expected a quoted string, got a {type(v).__name__} (value not shown)")
+    return v
+
+
+def _in_repository(p: Path) -> Path | None:
+    for d in p.resolve().parents:
+        if (d / ".git").exists():
+            return d
+    return None
+
+
+def load_secrets(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The secrets file: TOML with `meter_password` and/or `operator_code`. Refused, like ssh
+    refuses a private key, when group or others may read or write it, and when it lies
+    inside a git work tree (secrets never live in a repository)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise UserError("secrets file not found", where=str(p)) from None
+    except OSError as exc:
+        raise UserError(f"cannot read the secrets file: {exc.strerror}", where=str(p)) from None
+    if st.st_mode & 0o077:
+        raise UserError(f"permissions {st.st_mode & 0o777:04o} are too open: a secrets file must "
+                        f"be readable by its owner only (chmod 600 {p})", where=str(p))
+    repo = _in_repository(p)
+    if repo is not None:
+        raise UserError(f"a secrets file must not live in a repository (inside {repo}): keep "
+                        "it e.g. in /etc/meterstream/ with mode 600", where=str(p))
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"cannot read the secrets file: {exc.strerror}", where=str(p)) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        # the decoder's message gives line and column; it does not quote the file
+        raise UserError(f"not valid TOML: {str(exc).splitlines()[0]}", where=str(p)) from None
+    t = TomlTable(doc, str(p), "", DOCS)
+    out = {k: _secret(t, k, "") for k in SECRET_KEYS if t.has(k)}
+    t.finish()
+    return out
+
+
+def _credentials(t: TomlTable, base: Path | None) -> Credentials:
+    """Each secret from its environment variable, else the secrets file ($SECRETS_ENV or the
+    `secrets_file` key), else (discouraged) `password` / `operator` in this file."""
     level = t.integer("password_level", 2, 0, 255)
     pw_env = t.string("password_env", "METERSTREAM_METER_PASSWORD")
     op_env = t.string("operator_env", "METERSTREAM_OPERATOR_CODE")
-    password = os.environ.get(pw_env) or t.string("password", "000000")
-    operator = os.environ.get(op_env) or t.string("operator", "00000000")
+    secrets_path = os.environ.get(SECRETS_ENV) or (
+        t.string("secrets_file", "") if t.has("secrets_file") else "")
+    secrets: dict[str, str] = {}
+    if secrets_path:
+        sp = Path(secrets_path)
+        from_env = bool(os.environ.get(SECRETS_ENV))
+        if not sp.is_absolute() and base is not None and not from_env:
+            sp = base / sp
+        try:
+            secrets = load_secrets(sp)
+        except UserError as exc:  # say which setting named the file
+            if from_env:
+                raise UserError(f"{exc} (named by ${SECRETS_ENV})") from None
+            raise t.fail("secrets_file", str(exc)) from None
+    password = (os.environ.get(pw_env) or secrets.get("meter_password")
+                or _secret(t, "password", "000000"))
+    operator = (os.environ.get(op_env) or secrets.get("operator_code")
+                or _secret(t, "operator", "00000000"))
     try:
         return Credentials(level, password, operator)
     except ValueError as exc:  # the message names the field, never its value
-        raise t.fail("password", f"{exc} (from ${pw_env} / ${op_env} or the file)") from None
+        where = f"${pw_env} / ${op_env}, {secrets_path or 'no secrets file'}, or the file"
+        raise t.fail("password", f"{exc} (from {where})") from None
 
 
 def _modbus_maps(t: TomlTable) -> dict[str, ModbusMap]:
@@ -170,7 +248,8 @@ def _modbus_maps(t: TomlTable) -> dict[str, ModbusMap]:
     return maps
 
 
-def parse_collector_config(doc: Mapping[str, Any], source: str = "<config>") -> CollectorConfig:
+def parse_collector_config(doc: Mapping[str, Any], source: str = "<config>",
+                           base_dir: Path | None = None) -> CollectorConfig:
     top = TomlTable(doc, source, "", DOCS)
     c = top.sub("collector")
     poll = _poll(c, PollConfig())
@@ -192,11 +271,17 @@ def parse_collector_config(doc: Mapping[str, Any], source: str = "<config>") -> 
         dialin_port=d.integer("port", 9700, 0, 65535),
         registration_timeout_s=d.number("registration_timeout_s", 10.0, 0.1, 600.0),
         heartbeat_grace=d.number("heartbeat_grace", 2.5, 1.0, 100.0),
-        heartbeat_down_after=d.integer("heartbeat_down_after", 2, 1, 100))
+        heartbeat_down_after=d.integer("heartbeat_down_after", 2, 1, 100),
+        dialin_rate_limit=d.boolean("rate_limit", True),
+        dialin_per_ip_rate=d.number("per_ip_rate", 2.0, 0.001, 1e6),
+        dialin_per_ip_burst=d.number("per_ip_burst", 20.0, 1.0, 1e6),
+        dialin_global_rate=d.number("global_rate", 200.0, 0.001, 1e7),
+        dialin_global_burst=d.number("global_burst", 2000.0, 1.0, 1e7),
+        dialin_report_s=d.number("report_s", 60.0, 0.05, 86400.0))
     d.finish()
     k = top.sub("control")
     cfg = replace(
-        cfg, credentials=_credentials(k), deadline_min=k.number("deadline_min", 30.0, 1.0, 1440.0),
+        cfg, credentials=_credentials(k, base_dir), deadline_min=k.number("deadline_min", 30.0, 1.0, 1440.0),
         confirm_timeout_s=k.number("confirm_timeout_s", 60.0, 0.1, 3600.0),
         confirm_poll_s=k.number("confirm_poll_s", 2.0, 0.01, 600.0))
     k.finish()
@@ -228,4 +313,4 @@ def load_collector_config(path: str | os.PathLike[str]) -> CollectorConfig:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"not valid TOML: {exc}", where=str(p)) from None
-    return parse_collector_config(doc, str(p))
+    return parse_collector_config(doc, str(p), p.resolve().parent)

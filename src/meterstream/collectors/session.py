@@ -571,19 +571,19 @@ class Dlt645Session:
         discarded = reader.discarded
         items = reader.feed(data)
         self.stats.discarded += reader.discarded - discarded
-        # Flood rule: bytes that bring no valid frame, counted as received (FE runs included:
-        # the reader skips them without counting them as garbage, but they are a flood too).
+        # Flood rule: bytes received since the last reply to a request (FE runs, garbage and
+        # frames nobody asked for alike: a terminal that never stops sending is a flood too).
         self.unframed += len(data)
         for item in items:
             if item.__class__ is Frame:
-                self.unframed = 0
-                self._on_frame(cast(Frame, item))
+                if self._on_frame(cast(Frame, item)):
+                    self.unframed = 0
             else:
                 self.stats.bad_frames += 1
                 if self.cur != _IDLE:
                     self._fail_current(OUTCOME_BAD_FRAME)
         if self.unframed > self.poll.flood_bytes:
-            self.disconnect(f"flooded: {self.unframed:,} bytes without one valid frame")
+            self.disconnect(f"flooded: {self.unframed:,} bytes without a reply to a request")
         elif self.cur == _IDLE and self.link is not None:
             self._next()
 
@@ -617,18 +617,19 @@ class Dlt645Session:
         out.append(data[pos:])
         return b"".join(out)
 
-    def _on_frame(self, frame: Frame) -> None:
+    def _on_frame(self, frame: Frame) -> bool:
+        """Take a frame; True when it answered the request outstanding."""
         c = frame.control
         if self.cur == _IDLE or not c & 0x80 or (c & 0x1F) != self.cur_func:
             if c & 0x80:
                 self.stats.stale += 1
-            return
+            return False
         if self.cur_wire and frame.address_wire != self.cur_wire:
             self.stats.stale += 1
-            return
+            return False
         if not c & 0x40 and self.cur_di and not frame.data.startswith(self.cur_di):
             self.stats.stale += 1
-            return
+            return False
         self.proven = True
         # how long an exchange takes on this link (request written -> reply), smoothed
         self.exchange_s += (self.loop.time() - self.deadline + self.poll.timeout_s
@@ -642,6 +643,7 @@ class Dlt645Session:
             self.stats.reads_ok += 1
             if job is not None:
                 job.on_reply(self, frame)
+        return True
 
     # --- sending ------------------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ from typing import Any
 
 import faust
 
-from meterstream.pipeline import topics
+from meterstream.audit import AuditWriter, is_audited
+from meterstream.pipeline import metrics, topics
 from meterstream.pipeline.broker import faust_settings
 from meterstream.pipeline.worker import Out, WorkerCore
 
@@ -39,6 +40,9 @@ STATE_TABLE = "terminal-state"
 #: reading batches handled per take, and how long a take waits for more (seconds)
 READINGS_TAKE = 64
 READINGS_WITHIN_S = 0.005
+#: KPI snapshots kept in memory for the dashboard's charts (compact: fleet-wide figures only,
+#: never per meter or per area): 2,160 x kpi_s = 6 h at the production 10 s (docs/dashboard.md)
+KPI_RING = 2160
 
 
 def _json_in(fn: Callable[[str, Any], list[Out]], terminal: str, value: bytes) -> list[Out]:
@@ -49,20 +53,36 @@ def _key(k: Any) -> str:
     return k.decode() if isinstance(k, (bytes, bytearray)) else str(k)
 
 
+def kpi_point(snap: dict[str, Any], counters: dict[str, int]) -> dict[str, Any]:
+    """One entry of the KPI ring: a few integers of a kpi_snapshot (the dashboard's charts)."""
+    return {"ts": snap["ts"], "terminals": snap["terminals"], "online": snap["online"],
+            "readings": counters["readings"], "batches": counters["batches"],
+            "reads_ok": sum(v[0] for v in snap["reads_by_class"].values()),
+            "reads_attempted": sum(v[1] for v in snap["reads_by_class"].values()),
+            "cut_off": snap["cut_off"], "in_arrears": snap["in_arrears"]}
+
+
 class WorkerApp:
     """One worker process: a Faust app around a WorkerCore."""
 
     def __init__(self, core: WorkerCore, bootstrap: str, *, datadir: str | Path,
                  partitions: int = 4, app_id: str = "meterstream-worker", tick_s: float = 1.0,
-                 kpi_s: float = 10.0, events_kept: int = 2000, **overrides: Any) -> None:
+                 kpi_s: float = 10.0, events_kept: int = 2000,
+                 audit_path: str | Path | None = None, **overrides: Any) -> None:
         from aiokafka.partitioner import DefaultPartitioner
 
         self.core = core
+        # the tamper-evident trail of every audit record published (meterstream.audit)
+        self.audit = AuditWriter(audit_path, who=app_id) if audit_path is not None else None
         self.loaded: set[str] = set()
         self.errors = 0
         self.kpis: dict[str, Any] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=events_kept)  # for the API
         self.commands_out: deque[dict[str, Any]] = deque(maxlen=events_kept)
+        # the dashboard's: a bounded ring of compact KPI snapshots (kpi_point), and callbacks
+        # that see each event published (read-only observers; they must not raise or block)
+        self.kpi_ring: deque[dict[str, Any]] = deque(maxlen=KPI_RING)
+        self.event_listeners: list[Callable[[dict[str, Any]], None]] = []
         # the partition of each terminal, as Kafka's default partitioner puts its key
         every = list(range(partitions))
         part = DefaultPartitioner()
@@ -118,6 +138,12 @@ class WorkerApp:
             # Changes a tick makes (timeouts, retries sent) are written to the table with the
             # terminal's next event; after a crash the restarted worker re-derives them from
             # the book's times, at worst sending a retry once more (commands are idempotent).
+            if self.app.rebalancing:
+                # From a revocation to the end of table recovery the partitions just assigned
+                # are not in the table yet: loading their terminals now would keep the
+                # archive's initial state (or an old one) as loaded, and the next event would
+                # bill on it and write it to the changelog (issue 8 scenario, seed 12).
+                return
             owned = self.owned()
             for t in owned:
                 self._terminal(t.encode())
@@ -127,6 +153,7 @@ class WorkerApp:
         @app.timer(interval=kpi_s)
         async def kpis() -> None:
             self.kpis = core.kpi_snapshot()
+            self.kpi_ring.append(kpi_point(self.kpis, core.counters))
 
         @app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
@@ -134,6 +161,7 @@ class WorkerApp:
             self.loaded.clear()
 
         self._agents = (readings, payments, links, results, operator, tick, kpis, revoked)
+        metrics.watch("worker", self)  # counters, command states, lag at every scrape
 
     def _manual(self, terminal: str, doc: dict[str, Any]) -> list[Out]:
         return self.core.manual(terminal, doc["meter"], doc["action"], doc["who"], doc["why"])
@@ -196,14 +224,27 @@ class WorkerApp:
             await self.topic[o.topic].send(key=o.key.encode(), value=o.value)
             if o.topic == topics.EVENTS.name:
                 self.events.append(json.loads(o.value))
+                if self.audit is not None and is_audited(self.events[-1]):
+                    self.audit.append(self.events[-1])
+                for listen in self.event_listeners:
+                    listen(self.events[-1])
+                metrics.count_worker_out("events", self.events[-1])
             elif o.topic == topics.COMMANDS.name:
                 self.commands_out.append(json.loads(o.value))
+                metrics.count_worker_out("commands", self.commands_out[-1])
+            elif o.topic == topics.DEAD_LETTER.name:
+                metrics.count_worker_out("dead-letter", json.loads(o.value))
+        if self.audit is not None:
+            self.audit.sync()  # before the events are acknowledged (one fsync per publish)
 
     async def start(self) -> None:
         await self.app.start()
 
     async def stop(self) -> None:
+        metrics.unwatch("worker", self)
         await self.app.stop()
+        if self.audit is not None:
+            self.audit.close()
 
     async def wait_recovered(self, timeout: float = 60.0) -> None:
         await asyncio.wait_for(self.app.tables.wait_until_recovery_completed(), timeout)

@@ -36,7 +36,7 @@ from meterstream.collectors.collector import Collector
 from meterstream.collectors.commands import ACTIONS, REFUSED, UNCONFIRMED, Command, CommandResult
 from meterstream.collectors.config import CollectorConfig
 from meterstream.errors import UserError
-from meterstream.pipeline import topics
+from meterstream.pipeline import metrics, topics
 from meterstream.spool import SpoolDir
 
 log = logging.getLogger(__name__)
@@ -238,9 +238,11 @@ class KafkaSink:
 
     def batch(self, batch: ReadingBatch) -> None:
         self._put(topics.READINGS.name, batch.terminal, batch.to_bytes())
+        metrics.count_batch(batch.outcome)
 
     def event(self, event: CollectorEvent) -> None:
         self._put(topics.LINKS.name, event.terminal, event.to_json().encode())
+        metrics.COLLECTOR_LINK_EVENTS.labels(event.kind).inc()
 
     def command(self, result: CommandResult) -> None:
         extra = self.annotations.pop(result.command.id, None)
@@ -251,6 +253,7 @@ class KafkaSink:
             value = result.to_json()
         self._put(topics.RESULTS.name, result.terminal, value.encode(),
                   (("command-id", result.command.id.encode()),))
+        metrics.COLLECTOR_COMMAND_RESULTS.labels(result.command.action, result.outcome).inc()
 
     def dead_letter(self, key: bytes | None, value: bytes | None, reason: str, source: str) -> None:
         """Input that was refused, with the reason and the original bytes (as text if UTF-8)."""
@@ -265,6 +268,7 @@ class KafkaSink:
                "encoding": enc}
         self._put(topics.DEAD_LETTER.name, (key or b"").decode(errors="replace"),
                   json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode())
+        metrics.COLLECTOR_DEAD_LETTERS.inc()
 
     def _put(self, topic: str, key: str, value: bytes,
              headers: tuple[tuple[str, bytes], ...] = ()) -> None:
@@ -707,6 +711,7 @@ class KafkaCollector:
         self.commands_skipped = 0  # arrived for a partition no longer held (left for its owner)
         self.rebalances = 0
         self._stopped = False
+        metrics.watch("collector", self)  # its spool, terminals and lag at every scrape
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -746,6 +751,7 @@ class KafkaCollector:
         if self._stopped:
             return
         self._stopped = True
+        metrics.unwatch("collector", self)
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -763,6 +769,23 @@ class KafkaCollector:
     def terminals(self) -> set[str]:
         """The terminals this process holds now."""
         return set(self.collector.sessions)
+
+    def commands_lag(self) -> dict[int, int]:
+        """Commands behind the end of each held partition (metrics): the high watermark of the
+        last fetch minus the next offset to take; partitions not fetched yet are left out."""
+        from aiokafka import TopicPartition
+
+        out: dict[int, int] = {}
+        consumer = self._consumer
+        for p in sorted(self.held):
+            po = self._offsets.get(p)
+            nxt = None if po is None else (po.next if po.next is not None else po.committed)
+            hw = None
+            with contextlib.suppress(Exception):  # not assigned any more, or no consumer
+                hw = consumer.highwater(TopicPartition(topics.COMMANDS.name, p))
+            if hw is not None and nxt is not None:
+                out[p] = max(0, hw - nxt)
+        return out
 
     def summary(self) -> dict[str, Any]:
         return {**self.collector.summary(), "partitions": sorted(self.held),

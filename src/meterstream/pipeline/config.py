@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,13 @@ class WorkerConfig:
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     operator_tokens_env: str = "METERSTREAM_OPERATOR_TOKENS"  # "name:token,name:token"
+    metrics_port: int = 0  # Prometheus /metrics on http_host (0: off); docs/operations.md
     # Tansu 0.6.0 reports short end offsets after batched produces, which cuts a changelog
     # recovery short (DESIGN.md): 1 there; Kafka takes the 1 MiB default
     producer_max_batch_size: int | None = None
     policy: CommandPolicy = field(default_factory=CommandPolicy)
     influx: Any = None  # an InfluxConfig, or None: no InfluxDB
+    audit_path: Path | None = None  # the tamper-evident audit trail (meterstream.audit), or None
 
     def operator_tokens(self) -> dict[str, str]:
         """token -> operator name, from the environment (never from a file in the repo)."""
@@ -81,8 +84,11 @@ def _worker(t: TomlTable, source: str, base: Path) -> WorkerConfig:
         http_host=w.string("http_host", "127.0.0.1"),
         http_port=w.integer("http_port", 8080, 0, 65535),
         operator_tokens_env=w.string("operator_tokens_env", "METERSTREAM_OPERATOR_TOKENS"),
+        metrics_port=w.integer("metrics_port", 0, 0, 65535),
         producer_max_batch_size=(w.integer("producer_max_batch_size", 1, 1, 64 << 20)
-                                 if w.has("producer_max_batch_size") else None))
+                                 if w.has("producer_max_batch_size") else None),
+        # relative to the config file's directory, like the other file keys
+        audit_path=(base / w.string("audit_path", "") if w.has("audit_path") else None))
     w.finish()
     c = t.sub("commands")
     d = CommandPolicy()
@@ -163,3 +169,155 @@ def load_demo_config(path: str | os.PathLike[str]) -> DemoConfig:
     worker = _worker(top, source, base)
     top.finish()
     return DemoConfig(source, field_path, tariffs, collector, speed, data_dir, worker, payments)
+
+
+
+# --- the environment (docker-compose.yml, docs/operations.md "Environment variables") --------
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One environment variable a process reads: the configuration key (TOML `table.key`, or
+    the command-line option) it stands for, and how its value is checked."""
+
+    name: str
+    key: str
+    kind: str  # "string", "integer", "url", "broker", "choice", "secret"
+    processes: tuple[str, ...]
+    help: str
+    lo: int = 0
+    hi: int = 0
+    choices: tuple[str, ...] = ()
+
+
+_W, _C, _WC = ("worker",), ("collector",), ("worker", "collector")
+_LONG = ("worker", "collector", "sim", "demo")
+
+#: Every METERSTREAM_* variable, one table (docs/operations.md prints it). A variable overrides
+#: its key; a bad value stops the start naming the variable and the reason.
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar("METERSTREAM_BROKER", "--broker", "broker", _WC, "kafka://HOST:PORT[,HOST:PORT]"),
+    EnvVar("METERSTREAM_LOG_FORMAT", "--log-format", "choice", _LONG,
+           "log lines: text or json (one object per line)", choices=("text", "json")),
+    EnvVar("METERSTREAM_LOG_LEVEL", "--log-level", "choice", _LONG, "DEBUG, INFO, WARNING, ERROR",
+           choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    EnvVar("METERSTREAM_METRICS_PORT", "worker.metrics_port / --metrics-port", "integer",
+           ("worker", "collector", "demo"),
+           "Prometheus /metrics port (0: off)", 0, 65535),
+    EnvVar("METERSTREAM_METRICS_HOST", "--metrics-host", "string", _C,
+           "address of the collector's /metrics (the worker's is worker.http_host)"),
+    EnvVar("METERSTREAM_HTTP_HOST", "worker.http_host", "string", _W,
+           "address of the JSON API and /metrics"),
+    EnvVar("METERSTREAM_HTTP_PORT", "worker.http_port", "integer", _W, "JSON API port", 0, 65535),
+    EnvVar("METERSTREAM_PARTITIONS", "worker.partitions", "integer", _W,
+           "partitions of every topic (must match the topics)", 1, 256),
+    EnvVar("METERSTREAM_DATA_DIR", "--data-dir", "string", _W, "the worker's local files"),
+    EnvVar("METERSTREAM_OPERATOR_TOKENS", "worker.operator_tokens_env", "secret", _W,
+           "operators of the API: name:token,name:token (tokens of 16+ characters)"),
+    EnvVar("METERSTREAM_INFLUX_URL", "influx.url", "url", _W,
+           "InfluxDB 2 base URL (turns the sink on without an [influx] table)"),
+    EnvVar("METERSTREAM_INFLUX_ORG", "influx.org", "string", _W, "InfluxDB organization"),
+    EnvVar("METERSTREAM_INFLUX_BUCKET", "influx.bucket", "string", _W, "InfluxDB bucket"),
+    EnvVar("METERSTREAM_INFLUX_TOKEN", "influx.token_env", "secret", _W,
+           "the InfluxDB API token (the variable influx.token_env names)"),
+    EnvVar("METERSTREAM_INFLUX_SPOOL_DIR", "influx.spool_dir", "string", _W,
+           "where points wait while InfluxDB is down"),
+    EnvVar("METERSTREAM_COLLECTOR_GROUP", "--group", "string", _C,
+           "the collectors' consumer group"),
+    EnvVar("METERSTREAM_COLLECTOR_SPOOL", "--spool", "string", _C,
+           "where records wait while Kafka is unreachable (one directory per process)"),
+    EnvVar("METERSTREAM_DIALIN_HOST", "dialin.host", "string", _C,
+           "address the DTUs dial (0.0.0.0 in a container)"),
+    EnvVar("METERSTREAM_DIALIN_PORT", "dialin.port", "integer", _C, "dial-in port", 1, 65535),
+    EnvVar("METERSTREAM_METER_PASSWORD", "control.password_env", "secret", _C,
+           "the meters' remote-control password"),
+    EnvVar("METERSTREAM_OPERATOR_CODE", "control.operator_env", "secret", _C,
+           "the operator code sent with remote-control commands"),
+)
+ENV_BY_NAME = {v.name: v for v in ENV_VARS}
+
+
+def env_value(name: str, env: Mapping[str, str] | None = None) -> Any:
+    """The checked value of variable `name` (None when unset or empty); UserError naming the
+    variable and the reason when it is wrong."""
+    var = ENV_BY_NAME[name]
+    raw = (os.environ if env is None else env).get(name, "").strip()
+    if not raw:
+        return None
+    where = f"environment variable {name}"
+    if var.kind == "integer":
+        try:
+            n = int(raw)
+        except ValueError:
+            raise UserError(f"{raw!r} is not an integer", where=where) from None
+        if not var.lo <= n <= var.hi:
+            raise UserError(f"{n} is out of range: give {var.lo}..{var.hi}", where=where)
+        return n
+    if var.kind == "choice":
+        got = raw.upper() if var.choices[0].isupper() else raw.lower()
+        if got not in var.choices:
+            raise UserError(f"{raw!r}: give one of {', '.join(var.choices)}", where=where)
+        return got
+    if var.kind == "url" and not raw.startswith(("http://", "https://")):
+        raise UserError(f"{raw!r}: give the server's base URL, e.g. http://influxdb:8086",
+                        where=where)
+    if var.kind == "broker" and not raw.startswith("kafka://"):
+        raise UserError(f"expected kafka://HOST:PORT, found {raw!r}", where=where)
+    return raw
+
+
+def worker_env(cfg: WorkerConfig, env: Mapping[str, str] | None = None) -> WorkerConfig:
+    """`cfg` with the worker's variables of ENV_VARS applied over its TOML keys. InfluxDB is
+    turned on by METERSTREAM_INFLUX_URL when the file has no [influx] table (org and bucket
+    are then required)."""
+    from meterstream.pipeline.influx import InfluxConfig
+
+    env = os.environ if env is None else env
+    top: dict[str, Any] = {}
+    for name, key in (("METERSTREAM_HTTP_HOST", "http_host"), ("METERSTREAM_HTTP_PORT",
+                      "http_port"), ("METERSTREAM_PARTITIONS", "partitions"),
+                      ("METERSTREAM_METRICS_PORT", "metrics_port")):
+        v = env_value(name, env)
+        if v is not None:
+            top[key] = v
+    influx = cfg.influx
+    got = {k: env_value(f"METERSTREAM_INFLUX_{k.upper()}", env)
+           for k in ("url", "org", "bucket", "spool_dir")}
+    if influx is None and got["url"] is not None:
+        for k in ("org", "bucket"):
+            if got[k] is None:
+                raise UserError("required when METERSTREAM_INFLUX_URL is set",
+                                where=f"environment variable METERSTREAM_INFLUX_{k.upper()}")
+        influx = InfluxConfig(url=got["url"], org=got["org"], bucket=got["bucket"],
+                              spool_dir=Path(got["spool_dir"] or "var/influx-spool"))
+    elif influx is not None:
+        influx = replace(influx, **{k: (Path(v) if k == "spool_dir" else v)
+                                    for k, v in got.items() if v is not None})
+    return replace(cfg, **top, influx=influx)
+
+
+def broker_of(flag: str | None, env: Mapping[str, str] | None = None) -> str:
+    """aiokafka's bootstrap servers from --broker, else from METERSTREAM_BROKER."""
+    from meterstream.pipeline.cli._kafka import bootstrap_of
+
+    if flag:
+        return bootstrap_of(flag)
+    url = env_value("METERSTREAM_BROKER", env)
+    if url is None:
+        raise UserError("give --broker kafka://HOST:PORT or set METERSTREAM_BROKER",
+                        where="--broker")
+    try:
+        return bootstrap_of(url)
+    except UserError:
+        raise UserError(f"expected kafka://HOST:PORT[,HOST:PORT], found {url!r}",
+                        where="environment variable METERSTREAM_BROKER") from None
+
+
+def port_of(flag: int | None, name: str, default: int,
+            env: Mapping[str, str] | None = None) -> int:
+    """A port option (e.g. --metrics-port) given on the command line, else its variable."""
+    if flag is not None:
+        if not 0 <= flag <= 65535:
+            raise UserError(f"{flag}: give 0..65535", where=f"--{name}")
+        return flag
+    got = env_value(f"METERSTREAM_{name.upper().replace('-', '_')}", env)
+    return default if got is None else int(got)

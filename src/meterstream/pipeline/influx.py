@@ -50,6 +50,37 @@ LINK_WRITTEN = ("up", "down", "heartbeat_missed", "registration", "replaced")
 SPOOL_PREFIX, SPOOL_SUFFIX = "spool-", ".lp"
 REJECTED_FILE = "rejected.lp"
 
+#: The KPI fields the pipeline may write to `kpi` (integers: bp, counts, 0.01 kWh). kpi_line
+#: refuses any other name, so a new KPI is added here first (and a dashboard can rely on it).
+KPI_FIELDS = ("terminals", "online", "customers", "in_arrears", "cut_off", "meters",
+              "success_rate_bp", "online_rate_bp", "line_loss_bp", "line_loss_centikwh",
+              "reconnection_timeliness_bp")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What the sink writes to one measurement: its tags and its fields (name -> type)."""
+
+    tags: tuple[str, ...]
+    fields: Mapping[str, str]  # "int" or "string"
+
+
+#: The schema the sink writes (docs/influx.md, "Schema"), machine-readable: the line builders
+#: below take their names from here, and tests/test_deploy_grafana.py holds every Grafana panel's
+#: Flux query to it, so a schema change cannot silently empty a panel.
+SCHEMA: Mapping[str, Measurement] = {
+    "reading": Measurement(("terminal", "area", "class"), {
+        "meter": "string", **{f: "int" for f in _REGISTER_FIELDS}, "outcome": "int",
+        "error": "int", "status": "int", "drift_s": "int"}),
+    "balance": Measurement(("terminal", "area", "class"), {
+        "meter": "string", "balance_microyuan": "int", "relay": "int"}),
+    "command": Measurement(("terminal", "action", "outcome"), {
+        "meter": "string", "id": "string", "attempts": "int", "readbacks": "int",
+        "duration_ms": "int", "status": "int", "detail": "string"}),
+    "link": Measurement(("terminal", "area"), {"up": "int", "kind": "string", "detail": "string"}),
+    "kpi": Measurement(("area", "class"), {f: "int" for f in KPI_FIELDS}),
+}
+
 
 # --- line protocol -----------------------------------------------------------------------------
 
@@ -70,7 +101,11 @@ def _string(v: str) -> str:
 
 
 def _series(measurement: str, tags: Mapping[str, str | None]) -> str:
-    """`measurement,k=v,...` with the tags sorted by key; empty or None values left out."""
+    """`measurement,k=v,...` with the tags sorted by key; empty or None values left out.
+    Only the tags SCHEMA gives the measurement are taken (a ValueError otherwise)."""
+    extra = set(tags) - set(SCHEMA[measurement].tags)
+    if extra:
+        raise ValueError(f"tags {sorted(extra)} are not in the {measurement} schema")
     parts = [_measurement(measurement)]
     parts += [f"{_tag(k)}={_tag(v)}" for k, v in sorted(tags.items()) if v]
     return ",".join(parts)
@@ -249,6 +284,9 @@ def kpi_line(ts_ns: int, values: Mapping[str, int | np.integer[Any] | None], *, 
             continue
         if not _is_int(v):
             raise TypeError(f"KPI {k!r} must be an integer (bp, count or exact unit), got {v!r}")
+        if k not in SCHEMA["kpi"].fields:
+            raise ValueError(f"KPI {k!r} is not in the kpi schema: add it to KPI_FIELDS "
+                             "(influx.py) first, so that dashboards can rely on it")
         fields.append(f"{_tag(k)}={int(v)}i")
     if not fields:
         return None
@@ -461,6 +499,9 @@ class InfluxSink:
         self._retry_at = 0.0 if len(self.spool) else float("inf")
         self._thread = threading.Thread(target=self._run, name="influx-sink", daemon=True)
         self._thread.start()
+        from meterstream.pipeline import metrics
+
+        metrics.watch("influx", self)  # its stats at every scrape (pipeline/metrics.py)
 
     @classmethod
     def from_config(cls, cfg: InfluxConfig, env: Mapping[str, str] | None = None,
@@ -552,6 +593,9 @@ class InfluxSink:
     def close(self, timeout: float | None = 30.0) -> None:
         """Flush, stop the thread, close the client. What the server did not take stays in the
         spool and is written by the next sink started on the same directory."""
+        from meterstream.pipeline import metrics
+
+        metrics.unwatch("influx", self)
         self.flush(timeout)
         with self._cv:
             self._stop = True

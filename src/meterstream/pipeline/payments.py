@@ -114,7 +114,11 @@ class Payment:
     @classmethod
     def from_json(cls, data: bytes | str) -> Payment:
         """The inverse of `to_json`; ValueError when `data` is not such a record."""
-        doc = json.loads(data, parse_float=_no_float, parse_constant=_no_constant)
+        try:
+            doc = json.loads(data, parse_float=_no_float, parse_constant=_no_constant)
+        except RecursionError:
+            raise ValueError("a routed payment is a flat JSON object (this is nested too "
+                             "deeply to read)") from None
         if not isinstance(doc, dict):
             raise ValueError("a routed payment is a JSON object")  # noqa: TRY004
         try:

@@ -31,6 +31,7 @@ class Running:
     worker: Any = None
     stops: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
     url: str = ""
+    metrics_url: str = ""  # Prometheus /metrics, when worker.metrics_port is set
 
     async def stop(self) -> None:
         for stop in reversed(self.stops):
@@ -67,7 +68,8 @@ async def start_worker(bootstrap: str, archive: Path, tariffs: Path, cfg: Worker
     if cfg.producer_max_batch_size is not None:
         overrides["producer_max_batch_size"] = cfg.producer_max_batch_size
     worker = WorkerApp(core, bootstrap, datadir=data_dir / "faust", partitions=cfg.partitions,
-                       app_id=app_id, tick_s=cfg.tick_s, kpi_s=cfg.kpi_s, **overrides)
+                       app_id=app_id, tick_s=cfg.tick_s, kpi_s=cfg.kpi_s,
+                       audit_path=cfg.audit_path, **overrides)
     run.worker = worker
     await worker.start()
     run.stops.append(worker.stop)
@@ -92,6 +94,17 @@ async def start_worker(bootstrap: str, archive: Path, tariffs: Path, cfg: Worker
     run.stops.append(runner.cleanup)
     port = runner.addresses[0][1] if runner.addresses else cfg.http_port
     run.url = f"http://{cfg.http_host}:{port}/api/summary"
+    if cfg.metrics_port:  # Prometheus, on a port of its own (pipeline/metrics.py)
+        from meterstream.pipeline import metrics
+
+        try:
+            server = metrics.serve(cfg.metrics_port, cfg.http_host)
+        except OSError as exc:
+            await run.stop()
+            raise UserError(f"cannot listen on {cfg.http_host}:{cfg.metrics_port}: "
+                            f"{exc.strerror}", where=f"{cfg.source}: worker.metrics_port") from None
+        run.stops.append(lambda: asyncio.to_thread(metrics.stop, server))
+        run.metrics_url = f"http://{cfg.http_host}:{server.server_port}/metrics"
     return run
 
 

@@ -14,6 +14,9 @@ import argparse
 from typing import Any
 
 from meterstream.errors import UserError
+from meterstream.logs import add_arguments as add_log_arguments
+
+LOGGER = "meterstream.collector"
 
 
 def register(subparsers: Any) -> None:
@@ -22,17 +25,19 @@ def register(subparsers: Any) -> None:
         description="Poll the terminals this process is assigned (by Kafka's consumer group on "
         "the commands topic), publish batches, link events and command results to Kafka, and "
         "execute the commands for its terminals. See docs/collectors-kafka.md.")
-    p.add_argument("--broker", required=True, metavar="URL",
-                   help="kafka://HOST:PORT (several: kafka://H1:P1,H2:P2)")
+    p.add_argument("--broker", metavar="URL",
+                   help="kafka://HOST:PORT (several: kafka://H1:P1,H2:P2; default "
+                   "$METERSTREAM_BROKER)")
     p.add_argument("--archive", required=True, metavar="FILE",
                    help="archive CSV (with FILE-terminals.csv and FILE-meters.csv beside it)")
     p.add_argument("--config", required=True, metavar="FILE",
                    help="collector TOML (e.g. config/collector.toml)")
-    p.add_argument("--group", default="meterstream-collectors", metavar="NAME",
-                   help="consumer group of the collectors (default meterstream-collectors)")
-    p.add_argument("--spool", default="var/collector-spool", metavar="DIR",
+    p.add_argument("--group", default=None, metavar="NAME",
+                   help="consumer group of the collectors (default $METERSTREAM_COLLECTOR_GROUP, "
+                   "else meterstream-collectors)")
+    p.add_argument("--spool", default=None, metavar="DIR",
                    help="where messages wait while the broker is unreachable; one directory "
-                   "per process (default var/collector-spool)")
+                   "per process (default $METERSTREAM_COLLECTOR_SPOOL, else var/collector-spool)")
     p.add_argument("--spool-max-mb", type=int, default=256, metavar="MB",
                    help="bound of the spool (default 256)")
     p.add_argument("--session-timeout", type=float, default=10.0, metavar="S",
@@ -40,16 +45,31 @@ def register(subparsers: Any) -> None:
                    "after this long (default 10)")
     p.add_argument("--status-every", type=float, default=10.0, metavar="S",
                    help="status line period on standard error (default 10 s)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="Prometheus /metrics on this port (0: off; default "
+                   "$METERSTREAM_METRICS_PORT, else 0)")
+    p.add_argument("--metrics-host", default=None, metavar="HOST",
+                   help="address of /metrics (default $METERSTREAM_METRICS_HOST, else 127.0.0.1)")
+    add_log_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from meterstream import logs
     from meterstream.collectors.archive import load_archive
     from meterstream.collectors.config import load_collector_config
-    from meterstream.pipeline.cli._kafka import bootstrap_of
     from meterstream.pipeline.cli._terminal import run_loop
+    from meterstream.pipeline.config import broker_of, env_value, port_of
 
-    bootstrap = bootstrap_of(args.broker)
+    logs.setup(args)
+    bootstrap = broker_of(args.broker)
+    if args.group is None:
+        args.group = env_value("METERSTREAM_COLLECTOR_GROUP") or "meterstream-collectors"
+    args.spool = args.spool or env_value("METERSTREAM_COLLECTOR_SPOOL") or "var/collector-spool"
+    args.metrics_port = port_of(args.metrics_port, "metrics-port", 0)
+    args.metrics_host = args.metrics_host or env_value("METERSTREAM_METRICS_HOST") or "127.0.0.1"
     if not args.group:
         raise UserError("give a group name", where="--group")
     if not 1 <= args.spool_max_mb <= 1_000_000:
@@ -59,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
     if not 0.1 <= args.status_every <= 86400:
         raise UserError(f"{args.status_every} s; give 0.1..86400", where="--status-every")
     cfg = load_collector_config(args.config)
+    dialin = {k: v for k, v in (("dialin_host", env_value("METERSTREAM_DIALIN_HOST")),
+                                ("dialin_port", env_value("METERSTREAM_DIALIN_PORT")))
+              if v is not None}
+    if dialin:  # the environment over [dialin] host / port (docs/operations.md)
+        cfg = dataclasses.replace(cfg, **dialin)
     archive = load_archive(args.archive)
     if not archive.terminals:
         raise UserError("the archive lists no terminals", where=args.archive)
@@ -80,8 +105,8 @@ def status_line(s: dict[str, Any], before: dict[str, Any]) -> str:
 async def _collector(args: argparse.Namespace, bootstrap: str, cfg: Any, archive: Any) -> int:
     import asyncio
     import signal
-    import sys
 
+    from meterstream.logs import say
     from meterstream.pipeline.collector_kafka import KafkaCollector, KafkaSink
 
     sink = KafkaSink(bootstrap, spool_dir=args.spool, spool_max_bytes=args.spool_max_mb << 20)
@@ -100,12 +125,23 @@ async def _collector(args: argparse.Namespace, bootstrap: str, cfg: Any, archive
     except BaseException:
         sink.spool.close()
         raise
-    err = sys.stderr
+    server = None
+    if args.metrics_port:
+        from meterstream.pipeline import metrics
+
+        try:
+            server = metrics.serve(args.metrics_port, args.metrics_host)
+        except OSError as exc:
+            await kc.stop()
+            raise UserError(f"cannot listen on {args.metrics_host}:{args.metrics_port}: "
+                            f"{exc.strerror}", where="--metrics-port") from None
+        say(f"meterstream collector: metrics on http://{args.metrics_host}:"
+            f"{server.server_port}/metrics", logger=LOGGER)
     listener = kc.collector.listener
-    print(f"meterstream collector: group {args.group} on {bootstrap}, {len(archive.terminals):,} "
-          f"terminals in the archive over {kc.partitions} partitions"
-          + (f", dial-in on {cfg.dialin_host}:{listener.port}" if listener else ""),
-          file=err, flush=True)
+    say(f"meterstream collector: group {args.group} on {bootstrap}, {len(archive.terminals):,} "
+        f"terminals in the archive over {kc.partitions} partitions"
+        + (f", dial-in on {cfg.dialin_host}:{listener.port}" if listener else ""),
+        logger=LOGGER, group=args.group, partitions=kc.partitions)
     before = kc.summary()
     try:
         while not stop.is_set():
@@ -114,12 +150,16 @@ async def _collector(args: argparse.Namespace, bootstrap: str, cfg: Any, archive
             except TimeoutError:
                 pass
             now = kc.summary()
-            print(status_line(now, before), file=err, flush=True)
+            say(status_line(now, before), logger=LOGGER, online=now["online"],
+                terminals=now["terminals"], spooling=now["kafka"]["spooling"],
+                pending=now["kafka"]["pending"])
             before = now
     finally:
         await kc.stop()
+        if server is not None:
+            metrics.stop(server)
         s = kc.sink.summary()
-        print(f"meterstream collector: stopped; published {s['published']:,}, spooled "
-              f"{s['spooled']:,} (waiting in {args.spool}: {s['spool_bytes']:,} bytes)",
-              file=err, flush=True)
+        say(f"meterstream collector: stopped; published {s['published']:,}, spooled "
+            f"{s['spooled']:,} (waiting in {args.spool}: {s['spool_bytes']:,} bytes)",
+            logger=LOGGER, published=s["published"], spooled=s["spooled"])
     return 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from meterstream.logs import add_arguments as add_log_arguments
+
 TABLE_LIMIT = 40  # above this many terminals, print a summary and write the table to a file
 
 
@@ -27,6 +29,7 @@ def register(subparsers: Any) -> None:
                    help="simulated seconds per real second (overrides field.speed; 0 pauses)")
     p.add_argument("--write-archive", metavar="PATH",
                    help="write the fleet archive CSV here (and PATH-terminals.csv, PATH-meters.csv)")
+    add_log_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -34,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from meterfield.config import load_config
+    from meterstream import logs
 
+    logs.setup(args)
     cfg = load_config(args.config)
     if args.speed is not None:
         cfg = cfg.with_speed(args.speed)
