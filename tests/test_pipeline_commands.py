@@ -342,6 +342,20 @@ def test_a_result_not_sent_by_the_collector_queues_the_command_and_gives_the_att
     assert not b.on_collector_result(r)  # a replay of it: nothing to do
 
 
+def test_a_command_not_sent_goes_as_soon_as_its_terminal_is_back_up() -> None:
+    b = book()
+    c = b.issue(M1, "reconnect", "payment P1", T0)
+    assert c is not None
+    send_all(b, T0)
+    assert b.on_result(c.id + "/1", UNCONFIRMED, "terminal offline: not sent", None, T0 + S,
+                       None, sent=False)
+    assert b.due(T0 + 2 * S, False) == []  # the worker sees the link down
+    assert b.due(T0 + 3 * S, True) == []  # a lagging view: still the backoff step
+    assert b.on_link_up(T0 + 4 * S)  # the link is back: due at once
+    assert [x.id for x in b.due(T0 + 4 * S, True)] == [c.id]
+    assert not b.on_link_up(T0 + 5 * S)  # nothing more to release
+
+
 def test_an_unconfirmed_result_of_an_earlier_attempt_is_ignored_but_a_final_one_counts() -> None:
     b = book()
     c = b.issue(M1, "cutoff", "low", T0)

@@ -342,6 +342,17 @@ class CommandBook:
         ready.sort(key=lambda c: (_PRIORITY.get(c.action, 1), c.seq))
         return [replace(c) for c in ready]
 
+    def on_link_up(self, now_ns: int) -> bool:
+        """The terminal is back online: its queued commands are due now, whatever backoff
+        they were waiting (a command the collector could not send because the link was down
+        goes as soon as the link is back, not a backoff step later). True if any changed."""
+        changed = False
+        for c in self._open.values():
+            if c.state == QUEUED and c.not_before_ns > now_ns:
+                c.not_before_ns = now_ns
+                changed = True
+        return changed
+
     def on_sent(self, command_id: str, now_ns: int) -> bool:
         """The command is on its way to the collector. False (nothing changes) for an unknown,
         closed, already sent or held-back command."""

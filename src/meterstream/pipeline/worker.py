@@ -394,6 +394,8 @@ class WorkerCore:
         if kind == "up":
             self.collection.apply_link_event(t, C.LINK_UP, now)
             self.fleet.terminal_online[t] = 1
+            if terminal in self.books and self.books[terminal].on_link_up(now):
+                self._book_bytes.pop(terminal, None)  # changed: serialised again by state_of
             return self._dispatch(terminal)
         if kind == "down":
             self.collection.apply_link_event(t, C.LINK_DOWN, now)
