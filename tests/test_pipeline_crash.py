@@ -151,6 +151,10 @@ class Worker:
         finally:
             self.log.close()
 
+    def tail(self) -> str:
+        """The end of its log, for an assertion message."""
+        return Path(self.log.name).read_bytes()[-3000:].decode("utf-8", "replace")
+
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
             return json.loads(r.read())
@@ -240,7 +244,7 @@ def test_sigkill_the_worker_mid_stream_balances_equal_replay(tmp_path: Path) -> 
         try:
             wait_equal([w], want)
         finally:
-            assert w.stop() == 0
+            assert w.stop() == 0, w.tail()
 
 
 @pytest.mark.slow
@@ -270,10 +274,10 @@ def test_two_workers_share_and_one_takes_over(tmp_path: Path) -> None:
                 break
             time.sleep(0.5)
         assert held[0] and held[1] and sum(held) == len(TERMINALS), held
-        assert b.stop() == 0  # b leaves: a takes its partitions and their state
+        assert b.stop() == 0, b.tail()  # b leaves: a takes its partitions and their state
         rest = [p for p in payments if p not in first]
         asyncio.run(produce(broker.bootstrap, batches[half:], rest, pace_s=0.01))
         try:
             wait_equal([a], want)
         finally:
-            assert a.stop() == 0
+            assert a.stop() == 0, a.tail()
