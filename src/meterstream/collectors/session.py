@@ -718,7 +718,9 @@ class Dlt645Session:
 
     def _next(self) -> None:
         """Send the next request: a job's if one is ready, else the cycle's next read."""
-        if self.link is None or self.link.transport is None:
+        link = self.link
+        # a transport being closed takes no more writes (uvloop raises on one; asyncio drops it)
+        if link is None or link.transport is None or link.transport.is_closing():
             return
         if self.jobs:
             # the first job with a request ready goes; one waiting for its next read-back
