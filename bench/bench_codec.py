@@ -37,26 +37,33 @@ REQUESTS = 500_000
 ROUNDS = 7
 
 
-def reply_stream(rng: random.Random) -> tuple[bytes, list[tuple[int, int]], list[str]]:
-    """FRAMES energy-block replies (FE x 4 preamble each) from METERS meters, one stream."""
+def reply_stream(
+    rng: random.Random, frames: int = FRAMES, n_meters: int = METERS
+) -> tuple[bytes, list[tuple[int, int]], list[str]]:
+    """`frames` energy-block replies (FE x 4 preamble each) from `n_meters` meters, one stream."""
     block = lookup(ENERGY_BLOCK_DI)
     assert block is not None
-    meters = [f"{rng.randrange(10**12):012d}" for _ in range(METERS)]
+    meters = [f"{rng.randrange(10**12):012d}" for _ in range(n_meters)]
     parts = []
     spans = []
     pos = 0
-    for k in range(FRAMES):
+    for k in range(frames):
         values = [rng.randrange(10**8) for _ in range(5)]
-        raw = encode_read_reply(meters[k % METERS], ENERGY_BLOCK_DI, encode_value(block, values))
+        raw = encode_read_reply(meters[k % n_meters], ENERGY_BLOCK_DI, encode_value(block, values))
         parts.append(raw)
         spans.append((pos + 4, pos + len(raw)))  # the frame without its preamble
         pos += len(raw)
     return b"".join(parts), spans, meters
 
 
-def main() -> None:
+def measure(
+    frames: int = FRAMES, requests: int = REQUESTS, rounds: int = ROUNDS
+) -> tuple[dict[str, float], str]:
+    """The codec's figures (and the notes of the report): `rounds` interleaved rounds of each
+    subject and its baseline on a stream of `frames` replies and `requests` read requests."""
+    FRAMES, REQUESTS, ROUNDS = frames, requests, rounds  # the module's sizes, for this call
     rng = random.Random(645)
-    stream, spans, meters = reply_stream(rng)
+    stream, spans, meters = reply_stream(rng, FRAMES)
     chunks = [stream[k : k + CHUNK] for k in range(0, len(stream), CHUNK)]
 
     def baseline_slices() -> None:
@@ -147,16 +154,18 @@ def main() -> None:
         "encode_read: best round, requests/s": max(rates["encode"]),
         "encode_read, new address each, requests/s": enc_cold,
     }
-    report(
-        "codec",
-        figures,
-        notes=(
-            f"{FRAMES} energy-block replies (40 bytes each with FE x4) from {METERS} meters, one "
-            f"contiguous stream fed in {CHUNK}-byte chunks. The 400k/s target is measured on "
-            "FrameReader.feed + decode_energy_blocks (numpy batch BCD); decode_reply per frame is "
-            "the general path. encode_read: 1000 meters, DI 0001FF00, headers cached per address."
-        ),
+    notes = (
+        f"{FRAMES} energy-block replies (40 bytes each with FE x4) from {METERS} meters, one "
+        f"contiguous stream fed in {CHUNK}-byte chunks. The 400k/s target is measured on "
+        "FrameReader.feed + decode_energy_blocks (numpy batch BCD); decode_reply per frame is "
+        "the general path. encode_read: 1000 meters, DI 0001FF00, headers cached per address."
     )
+    return figures, notes
+
+
+def main() -> None:
+    figures, notes = measure()
+    report("codec", figures, notes=notes)
 
 
 if __name__ == "__main__":

@@ -283,17 +283,18 @@ THROUGHPUT_TERMINALS = 64
 THROUGHPUT_METERS = 250
 
 
-def throughput(tmp: Path) -> dict[str, Any]:
+def throughput(tmp: Path, terminals: int = THROUGHPUT_TERMINALS,
+               meters: int = THROUGHPUT_METERS, warmup_s: float = 3.0, window_s: float = 5.0,
+               windows: int = 5) -> dict[str, Any]:
     doc = {
         "field": {"seed": 3, "start": "2024-06-01T08:00:00", "speed": 60.0, "tick_s": 1.0},
         "areas": {"count": 1, "supply_meter": False},
         "bus": {"preamble": 2, "turnaround_ms": [0.0, 0.0]},
-        "terminals": [{"kind": "concentrator", "per_area": THROUGHPUT_TERMINALS,
-                       "meters": THROUGHPUT_METERS}],
+        "terminals": [{"kind": "concentrator", "per_area": terminals, "meters": meters}],
     }
     archive = str(tmp / "throughput.csv")
     p, pipe, info = start_field(doc, None, archive)
-    params = {"warmup_s": 3.0, "window_s": 5.0, "windows": 5}
+    params = {"warmup_s": warmup_s, "window_s": window_s, "windows": windows}
     cfg = {"collector": {"cycle_s": 0.05, "stagger_s": 0.05, "timeout_s": 2.0, "retries": 1,
                          "clock_every": 0}, "dialin": {"enabled": False}}
     try:
@@ -310,7 +311,7 @@ def throughput(tmp: Path) -> dict[str, Any]:
     per_cpu = statistics.median([col["per_cpu_s"], col2["per_cpu_s"]])
     field_window_s = params["warmup_s"] + params["window_s"] * params["windows"]
     return {
-        "throughput_terminals": THROUGHPUT_TERMINALS,
+        "throughput_terminals": terminals,
         "throughput_meters": info["meters"],
         "collector_reads_per_s": rate,
         "collector_reads_per_cpu_s": per_cpu,
@@ -342,7 +343,10 @@ def _merge_archives(parts: list[str], out: str) -> None:
                     w.writerows(r)
 
 
-def memory(tmp: Path) -> dict[str, Any]:
+def memory(tmp: Path, areas: int = 50, per_area: int = 100, meters: int = 100
+           ) -> dict[str, Any]:
+    """`areas` x `per_area` concentrators x `meters` meters in each of two field processes
+    (defaults: 2 x 5,000 terminals, 1,000,000 meters), all held by one collector."""
     fields = []
     parts = []
     try:
@@ -351,10 +355,12 @@ def memory(tmp: Path) -> dict[str, Any]:
                 "field": {"seed": int(prefix), "start": "2024-06-01T08:00:00", "speed": 1.0,
                           "tick_s": 10.0, "address_prefix": prefix},
                 # distinct area names, so the two fields' terminal ids differ too
-                "areas": {"names": [f"{'AB'[int(prefix) - 33]}{k:03d}" for k in range(1, 51)],
+                "areas": {"names": [f"{'AB'[int(prefix) - 33]}{k:03d}"
+                                    for k in range(1, areas + 1)],
                           "supply_meter": False},
                 "bus": {"preamble": 2},
-                "terminals": [{"kind": "concentrator", "per_area": 100, "meters": 100}],
+                "terminals": [{"kind": "concentrator", "per_area": per_area,
+                               "meters": meters}],
             }
             path = str(tmp / f"million-{prefix}.csv")
             fields.append(start_field(doc, None, path))

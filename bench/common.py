@@ -18,7 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: Where report() writes NAME.json: bench/results, or $METERSTREAM_BENCH_RESULTS when set (the
+#: suite, `meterstream bench`, runs the scripts with it pointing at a scratch directory).
+RESULTS = Path(
+    os.environ.get("METERSTREAM_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
 
 
 def machine() -> dict[str, Any]:
