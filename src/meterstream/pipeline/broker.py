@@ -184,7 +184,11 @@ class EmbeddedBroker:
         log_path: str | os.PathLike[str] | None = None,
         start_timeout: float = 15.0,
         stop_timeout: float = 3.0,
+        advertised_port: int | None = None,
     ) -> None:
+        # advertised_port: the port clients are told to connect to after bootstrapping (a TCP
+        # proxy in front of the broker: the scenario runner's link cut); default: where it listens
+        self.advertised_port = advertised_port
         if partitions < 1:
             raise ValueError(f"partitions must be at least 1, not {partitions}")
         self.binary = find_tansu(binary)
@@ -251,8 +255,9 @@ class EmbeddedBroker:
     def _launch(self, port: int, *, last: bool) -> bool:
         assert self.log_path is not None
         listener = f"tcp://{_LOOPBACK}:{port}"
+        advertised = f"tcp://{_LOOPBACK}:{self.advertised_port or port}"
         argv = [str(self.binary), "broker", "--listener-url", listener,
-                "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"]
+                "--advertised-listener-url", advertised, "--storage-engine", "memory://tansu/"]
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
         env["NO_COLOR"] = "1"  # plain text in the log, no ANSI colours
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
