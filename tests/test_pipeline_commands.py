@@ -323,6 +323,10 @@ def test_unconfirmed_retries_with_capped_backoff_then_escalates() -> None:
     assert p == [None, ISSUED] + [SENT, ACKNOWLEDGED, UNCONFIRMED] * 5 + [ESCALATED]
     [e] = b.drain_events()
     assert (e.kind, e.attempts, e.detail) == (WO_ESCALATED, 5, "relay did not move")
+    assert b.open_figures() == ({}, 0, 1)  # what the overview sums: its work order is out
+    r = b.issue(M2, "reconnect", "payment P9", now)
+    assert r is not None
+    assert b.open_figures() == ({ISSUED: 1}, 1, 1)
     assert b.timeliness().failed == 1
 
 

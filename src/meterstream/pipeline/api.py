@@ -128,11 +128,12 @@ class Api:
         self.history = MeterHistory()
         self.live: deque[dict[str, Any]] = deque(maxlen=LIVE_KEPT)
         self._series: dict[int, list[dict[str, Any]]] = {}
+        self._books: dict[str, tuple[dict[str, int], int, int]] = {}  # open_figures per terminal
         self._seq = 0
         self._live_at = 0.0
-        self._clients: set[asyncio.Queue[dict[str, Any]]] = set()
+        # one queue per stream client: ("overview", doc), ("event", doc) or ("close", None)
+        self._clients: set[asyncio.Queue[tuple[str, Any]]] = set()
         self._closing = asyncio.Event()
-        self._new_live = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         listeners = getattr(worker, "event_listeners", None)
         if listeners is not None:
@@ -189,10 +190,13 @@ class Api:
             if balance is not None:
                 why = doc.get("kind") or doc.get("to_state") or doc.get("type", "")
                 self.history.balance(meter, doc.get("ts", ""), balance, str(why))
+        self._push("event", doc)
+
+    def _push(self, kind: str, doc: Any) -> None:
+        """To every stream client at once; a slow page loses items, never the worker's time."""
         for q in self._clients:
-            if q.full():
-                continue  # a slow page loses events, never the worker's time
-            q.put_nowait(doc)
+            if not q.full():
+                q.put_nowait((kind, doc))
 
     def _balance(self, meter: str) -> str | None:
         """A meter's balance as the API writes it (exact yuan string), None if unknown."""
@@ -207,17 +211,16 @@ class Api:
         k = core.kpi_view()
         held = worker.owned()
         by_state: dict[str, int] = {}
-        awaiting: set[str] = set()
-        from meterstream.pipeline.commands import CLOSING, ESCALATED
-
-        escalations = 0
-        for book in core.books.values():
-            for c in book.open_commands():
-                by_state[c.state] = by_state.get(c.state, 0) + 1
-                if c.action in CLOSING:
-                    awaiting.add(c.meter)
-            escalations += sum(1 for c in book.history() if c.state == ESCALATED
-                               and c.work_order)
+        awaiting = escalations = 0
+        for t in core.take_changed_books() | (core.books.keys() - self._books.keys()):
+            self._books[t] = core.books[t].open_figures()
+        for t in self._books.keys() - core.books.keys():
+            del self._books[t]
+        for states, waiting, escalated in self._books.values():
+            for state, n in states.items():
+                by_state[state] = by_state.get(state, 0) + n
+            awaiting += waiting
+            escalations += escalated
         alarms = core.open_alarms()
         alarmed_areas = {a["area"] for a in alarms if a["kind"] == "area_dropout"}
         areas = []
@@ -238,7 +241,7 @@ class Api:
             "success_bp_by_class": k["success_bp_by_class"],
             "reads_by_class": k["reads_by_class"],
             "customers": k["customers"], "in_arrears": k["in_arrears"], "cut_off": k["cut_off"],
-            "awaiting_reconnection": len(awaiting),
+            "awaiting_reconnection": awaiting,
             "reconnection": core.reconnection_stats(),
             "open_alarms": len(alarms) + escalations, "alarms": alarms[:50],
             "escalations": escalations,
@@ -268,7 +271,7 @@ class Api:
 
     async def _stop_live(self, app: web.Application) -> None:
         self._closing.set()
-        self._new_live.set()
+        self._push("close", None)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -283,7 +286,8 @@ class Api:
                     import logging
 
                     logging.getLogger("meterstream.api").exception("dashboard snapshot")
-                self._new_live.set()
+                if self.live:
+                    self._push("overview", self.live[-1])
             await asyncio.sleep(self.live_s)
 
     def _at_seq(self, request: web.Request) -> dict[str, Any] | web.Response:
@@ -395,34 +399,38 @@ class Api:
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: `overview` (the doc of /api/overview?seq=N) each live_s, and
-        `events` (what the worker published since) with it."""
+        `events` (a list: what the worker published) as soon as they are published."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
-        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=512)
+        q: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=512)
         self._clients.add(q)
         last = 0
         try:
-            doc = self._refresh()
+            items = [("overview", self._refresh())]
             while not self._closing.is_set():
-                if doc["seq"] != last:
-                    last = doc["seq"]
-                    await resp.write(_sse("overview", doc))
-                    news = []
-                    while not q.empty():
-                        news.append(q.get_nowait())
-                    if news:
-                        await resp.write(_sse("events", news))
-                self._new_live.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._new_live.wait(), 15.0)
-                if self._closing.is_set():
+                overview, news = None, []
+                for kind, doc in items:
+                    if kind == "overview":
+                        overview = doc  # the newest of those waiting
+                    elif kind == "event":
+                        news.append(doc)
+                if overview is not None and overview["seq"] != last:
+                    last = overview["seq"]
+                    await resp.write(_sse("overview", overview))
+                if news:
+                    await resp.write(_sse("events", news))
+                if any(kind == "close" for kind, _doc in items):
                     break
-                if not self.live or self.live[-1]["seq"] == last:
+                try:
+                    items = [await asyncio.wait_for(q.get(), 15.0)]
+                except TimeoutError:
                     await resp.write(b": keep-alive\n\n")
+                    items = []
                     continue
-                doc = self.live[-1]
+                while not q.empty():  # whatever else is waiting goes in the same write
+                    items.append(q.get_nowait())
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:

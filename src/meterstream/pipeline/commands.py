@@ -452,6 +452,18 @@ class CommandBook:
     def open_commands(self) -> list[Command]:
         return [replace(c) for c in self._open.values()]
 
+    def open_figures(self) -> tuple[dict[str, int], int, int]:
+        """(open commands by state, meters with a closing command open, escalations whose work
+        order is out), read in place: what a fleet overview sums over every book."""
+        states: dict[str, int] = {}
+        closing: set[str] = set()
+        for c in self._open.values():
+            states[c.state] = states.get(c.state, 0) + 1
+            if c.action in CLOSING:
+                closing.add(c.meter)
+        escalated = sum(1 for c in self._history.values() if c.work_order and c.state == ESCALATED)
+        return states, len(closing), escalated
+
     def history(self) -> list[Command]:
         """Closed commands, oldest first (at most policy.history_kept)."""
         return [replace(c) for c in self._history.values()]

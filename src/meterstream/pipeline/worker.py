@@ -130,6 +130,8 @@ class WorkerCore:
         self._book_bytes: dict[str, tuple[CommandBook, bytes]] = {}
         self.terminal_index = {t: i for i, t in enumerate(self.fleet.terminal_ids)}
         self.books: dict[str, CommandBook] = {}
+        # terminals whose book moved since the dashboard last looked (take_changed_books)
+        self.changed_books: set[str] = set()
         self.last_batch: dict[str, int] = {}
         self.influx = influx  # an InfluxSink, or None
         self.rules = rules or C.CollectionRules()
@@ -236,6 +238,7 @@ class WorkerCore:
         from_bytes(self.fleet, t, data[pos:pos + n_block])
         self.books[terminal] = CommandBook.from_bytes(data[pos + n_block:], self.policy)
         self._book_bytes.pop(terminal, None)
+        self.changed_books.add(terminal)
         self.last_batch[terminal] = last
 
     # --- messages in --------------------------------------------------------------------------
@@ -557,8 +560,9 @@ class WorkerCore:
                    "action": wire.action, "reason": wire.reason, "who": c.who}
             out.append(Out(topics.COMMANDS.name, terminal, json.dumps(doc).encode()))
         audit, work_orders = book.drain_audit(), book.drain_events()
-        if audit or work_orders:
+        if audit or work_orders:  # every change of a book leaves an audit record or an event
             self._book_bytes.pop(terminal, None)  # changed: serialised again by state_of
+            self.changed_books.add(terminal)
         for rec in audit:
             out.append(Out(topics.EVENTS.name, terminal, rec.to_json().encode()))
             if self.influx is not None and rec.to_state in PIPELINE_OUTCOMES:
@@ -595,6 +599,12 @@ class WorkerCore:
                              if c.meter == address]}
 
     # --- read-only queries for the dashboard (pipeline/api.py, docs/dashboard.md) -----------
+
+    def take_changed_books(self) -> set[str]:
+        """The terminals whose command book changed since the last call (for views that keep
+        per-book figures and recompute only what moved)."""
+        out, self.changed_books = self.changed_books, set()
+        return out
 
     def kpi_view(self) -> dict[str, Any]:
         """kpi_snapshot's figures as of now, without writing them to InfluxDB (the dashboard
