@@ -72,7 +72,15 @@ def run(loss: float, payments: int, gap_s: float, workdir: Path) -> dict[str, An
     bp.latency_field_doc = doc_with_loss  # type: ignore[assignment]
     bp.field_main = lossy_field_main
     bp._pct = keeping
-    out = bp.latency(workdir, payments, gap_s, 3.0, 0.5)
+    # the field's relay delay and the collector's read-back interval as the demo ships them
+    import tomllib
+
+    config = Path(bp.__file__).resolve().parents[1] / "config"
+    relay_delay_s = tomllib.loads((config / "field-demo.toml").read_text())["meters"][
+        "relay_delay_s"]
+    confirm_poll_s = tomllib.loads((config / "collector.toml").read_text())["control"][
+        "confirm_poll_s"]
+    out = bp.latency(workdir, payments, gap_s, relay_delay_s, confirm_poll_s)
     # the lists behind the script's percentiles: the one whose median, p99 and max they are
     samples: dict[str, list[float]] = {}
     for name in ("command", "confirmed", "relay_closed"):
