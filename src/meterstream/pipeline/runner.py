@@ -220,7 +220,9 @@ async def run_demo(cfg: DemoConfig, *, ready: asyncio.Event | None = None,
             await asyncio.gather(pay_task, return_exceptions=True)
 
         stops.append(stop_payments)
-        print(f"meterstream demo: API {worker_run.url}  (Ctrl-C stops everything)", file=out,
+        base = worker_run.url.rsplit("/api/", 1)[0]
+        print(f"meterstream demo: dashboard {base}/  API {worker_run.url}  "
+              "(Ctrl-C stops everything)", file=out,
               flush=True)
         if ready is not None:
             ready.set()
