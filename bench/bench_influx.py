@@ -16,15 +16,10 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,49 +28,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import report
+from meterstream.scenario import Victoria
 
-VM_BIN = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
 METERS_PER_BATCH = 250
 MS = 1_000_000
 ORG, BUCKET = "meterstream", "bench"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class VictoriaMetrics:
-    """A victoria-metrics server on a loopback port with its own data directory."""
-
-    def __init__(self, data: Path) -> None:
-        if not os.access(VM_BIN, os.X_OK):
-            raise RuntimeError(f"{VM_BIN} not found: apt-get install victoria-metrics "
-                               "(bash scripts/setup.sh --test does it)")
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(data.parent / "victoria-metrics.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [VM_BIN, f"-httpListenAddr=127.0.0.1:{self.port}", f"-storageDataPath={data}",
-             "-loggerLevel=ERROR"], stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 30
-        while not self._healthy():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"victoria-metrics did not start (see {self.log.name})")
-            time.sleep(0.05)
-
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-        self.log.close()
 
 
 def batches(n_points: int, t0: int, prefix: str) -> list[Any]:
@@ -152,7 +109,8 @@ def measure(points: int = 200_000, batch_size: int = 5000, rounds: int = 3,
     """`rounds` interleaved rounds of the sink and the raw baseline on one VictoriaMetrics."""
     with tempfile.TemporaryDirectory(prefix="bench-influx-", dir=workdir) as d:
         tmp = Path(d)
-        vm = VictoriaMetrics(tmp / "vm")
+        vm = Victoria(tmp / "vm")  # the scenario runner's server, on a free port
+        vm.start()
         sink_runs, raw_runs = [], []
         try:
             base = (time.time_ns() // MS - 3_600_000) * MS  # an hour ago, whole ms

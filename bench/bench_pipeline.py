@@ -35,7 +35,6 @@ import csv
 import json
 import multiprocessing as mp
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -532,21 +531,6 @@ FIELD_DEMO = ROOT / "config" / "field-demo.toml"
 COLLECTOR_TOML = ROOT / "config" / "collector.toml"
 
 
-def open_window_tariffs(tmp: Path) -> Path:
-    """The example tariffs with a cut-off window that is always open and no holidays (as
-    tests/test_pipeline_e2e.py: the customers are cut off first, whatever the time of day;
-    reconnections are never held by the window anyway)."""
-    text = TARIFFS.read_text()
-    text = re.sub(r"(?ms)^holidays = \[.*?^\]\n", "holidays = []\n", text, count=1)
-    text = re.sub(r"(?m)^days = \[.*\]$", 'days = ["mon", "tue", "wed", "thu", "fri", "sat", '
-                  '"sun"]', text, count=1)
-    text = re.sub(r'(?m)^start = "08:00"$', 'start = "00:00"', text, count=1)
-    text = re.sub(r'(?m)^end = "18:00"$', 'end = "23:59"', text, count=1)
-    path = tmp / "tariffs-open-window.toml"
-    path.write_text(text)
-    return path
-
-
 def _free_run(n: int) -> int:
     """A base port with n free ports after it."""
     import socket
@@ -697,9 +681,11 @@ async def _latency_run(bootstrap: str, tmp: Path, n_pay: int, gap_s: float,
     fproc.start()
     finfo = fa.recv()
     wa, wb = ctx.Pipe()
+    from meterstream.scenario import open_window_tariffs
+
+    tariffs = open_window_tariffs(tmp, "tariffs-open-window.toml")
     wproc = ctx.Process(target=latency_worker_main, args=(
-        bootstrap, str(archive), str(open_window_tariffs(tmp)), str(tmp / "latency-worker"),
-        wb), daemon=True)
+        bootstrap, str(archive), str(tariffs), str(tmp / "latency-worker"), wb), daemon=True)
     wproc.start()
     wa.recv()
     relay: dict[str, list[tuple[bool, int]]] = {}

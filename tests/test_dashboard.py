@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 from collect_helpers import FIELD_CONFIG, PortHold
-from test_pipeline_e2e import field_doc, open_window_tariffs, until
+from test_pipeline_e2e import field_doc, until
 
 from meterstream.pipeline.api import MeterHistory
+from meterstream.scenario import open_window_tariffs
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"

@@ -12,7 +12,6 @@ import asyncio
 import copy
 import dataclasses
 import json
-import re
 import time
 import tomllib
 from pathlib import Path
@@ -30,22 +29,10 @@ from meterstream.pipeline import topics
 from meterstream.pipeline.broker import EmbeddedBroker
 from meterstream.pipeline.config import WorkerConfig
 from meterstream.pipeline.runner import all_topics, start_worker
+from meterstream.scenario import open_window_tariffs
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 60.0
-
-
-def open_window_tariffs(tmp: Path) -> Path:
-    """The example tariffs with a cut-off window that is always open (the test runs any day)."""
-    text = (ROOT / "config" / "tariffs-example.toml").read_text()
-    text = re.sub(r"(?ms)^holidays = \[.*?^\]\n", "holidays = []\n", text, count=1)
-    text = re.sub(r"(?m)^days = \[.*\]$", 'days = ["mon", "tue", "wed", "thu", "fri", "sat", '
-                  '"sun"]', text, count=1)
-    text = re.sub(r'(?m)^start = "08:00"$', 'start = "00:00"', text, count=1)
-    text = re.sub(r'(?m)^end = "18:00"$', 'end = "23:59"', text, count=1)
-    path = tmp / "tariffs.toml"
-    path.write_text(text)
-    return path
 
 
 def field_doc(collector_port: int) -> dict[str, Any]:

@@ -124,16 +124,17 @@ def field_doc(cfg: ScenarioConfig, dialin_port: int) -> dict[str, Any]:
     return doc
 
 
-def open_window_tariffs(out: Path) -> Path:
-    """The example tariffs with a cut-off window open at every hour of every day, so that a run
-    decides cut-offs whenever it runs (tests/test_pipeline_e2e.py does the same)."""
+def open_window_tariffs(out: Path, name: str = "tariffs.toml") -> Path:
+    """The example tariffs with no holidays and a cut-off window open at every hour of every
+    day, written to out/name: runs that must see cut-offs whenever they run (this runner, the
+    end-to-end and dashboard tests, bench_pipeline's latency part) use it."""
     text = (ROOT / "config" / "tariffs-example.toml").read_text()
     text = re.sub(r"(?ms)^holidays = \[.*?^\]\n", "holidays = []\n", text, count=1)
     text = re.sub(r"(?m)^days = \[.*\]$", 'days = ["mon", "tue", "wed", "thu", "fri", "sat", '
                   '"sun"]', text, count=1)
     text = re.sub(r'(?m)^start = "08:00"$', 'start = "00:00"', text, count=1)
     text = re.sub(r'(?m)^end = "18:00"$', 'end = "24:00"', text, count=1)
-    path = out / "tariffs.toml"
+    path = out / name
     path.write_text(text)
     return path
 

@@ -109,10 +109,9 @@ def _yuan2(micro: int) -> str:
 
 def micro_of(yuan: str) -> int:
     """Exact micro-yuan of a decimal string with at most 6 decimals ('-1.5' -> -1500000)."""
-    neg = yuan.startswith("-")
-    whole, _, frac = yuan.lstrip("+-").partition(".")
-    v = int(whole or "0") * 1_000_000 + int((frac + "000000")[:6])
-    return -v if neg else v
+    from meterstream.pipeline.tariffs import parse_units
+
+    return parse_units(yuan, 6, signed=True)
 
 
 def write_replay_inputs(out: Path, readings: list[Msg], payments: list[Msg]) -> tuple[int, int]:
