@@ -31,6 +31,7 @@ from meterstream.collectors.commands import Command, CommandResult
 from meterstream.errors import UserError
 from meterstream.pipeline.influx import (
     BatchMeta,
+    InfluxConfig,
     InfluxSink,
     Spool,
     balance_lines,
@@ -40,6 +41,7 @@ from meterstream.pipeline.influx import (
     reading_lines,
     unique_ts,
 )
+from meterstream.spool import SpoolLocked
 from meterstream.tomlcheck import TomlTable
 
 VM_BIN = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
@@ -317,6 +319,86 @@ def test_server_down_points_spool_and_arrive_exactly_once(tmp_path: Path) -> Non
         assert max(got.values()) == 1
     finally:
         server.stop()
+
+
+@needs_vm
+def test_the_spool_of_a_stopped_sink_is_adopted_by_a_live_one(tmp_path: Path) -> None:
+    """Workers scaled down while the server is away leave their spool behind: a live sink on
+    the same root takes it over and writes it, each point once; a live sink's spool is never
+    touched by another."""
+    server = VictoriaMetrics(tmp_path / "vm").start()
+    root = tmp_path / "spool"
+    cfg = InfluxConfig(url=server.url, org="meterstream", bucket="readings", spool_dir=root,
+                       flush_s=0.05, timeout_s=2.0, backoff_s=FAST_BACKOFF)
+    env = {cfg.token_env: "test-token"}
+    t0 = (time.time_ns() // MS - 3 * 3_600_000) * MS
+    meta = BatchMeta("AREA-1", 2)
+    written: list[str] = []
+
+    def put(s: InfluxSink, terminal: str, cycles: range) -> None:
+        for cycle in cycles:
+            b = make_batch(terminal, t0 + cycle * 60_000 * MS, 10, cycle)
+            written.extend(reading_lines(b, meta))
+            assert s.write_batch(b, meta) == 10
+
+    events: list[tuple[str, str]] = []
+    a = b = c = None
+    try:
+        a = InfluxSink.from_config(cfg, env, adopt_s=0.05)
+        b = InfluxSink.from_config(cfg, env, adopt_s=0.05,
+                                   on_event=lambda k, d: events.append((k, d)))
+        assert (a.spool.dir.name, b.spool.dir.name) == ("slot-0", "slot-1")  # one slot each
+        server.stop()
+        put(a, "T-GONE", range(5))
+        put(b, "T-LIVE", range(2))
+        assert not a.flush(WAIT_S) and not b.flush(WAIT_S)
+        assert a.stats.spooled == 50
+        time.sleep(0.5)  # ten of b's scans while a is alive: a's spool is its own
+        assert b.stats.adopted == 0 and len(list((root / "slot-0").glob("spool-*.lp"))) > 0
+
+        a.close(5.0)  # scaled down for good, its 50 points on disk
+        a = None
+        wait_for(lambda: b.stats.adopted > 0, "the live sink to adopt the stopped one's spool")
+        assert not list((root / "slot-0").glob("spool-*.lp"))
+        assert [k for k, _ in events].count("spool_adopted") == 1
+        assert "slot-0" in next(d for k, d in events if k == "spool_adopted")
+        c = InfluxSink.from_config(cfg, env)  # a new process takes the free slot again
+        assert c.spool.dir.name == "slot-0" and len(c.spool) == 0
+
+        server.start()
+        b.retry_now()
+        assert b.wait_drained(WAIT_S)
+        st = b.stats
+        assert (st.written, st.rejected, st.refused, st.errors) == (70, 0, 0, 0)
+        want = expected(written)
+        got = read_back(lambda: server.samples('{terminal=~"T-GONE|T-LIVE"}'), want,
+                        "every point back")
+        assert got == want and max(got.values()) == 1  # each exactly once
+    finally:
+        for s in (a, b, c):
+            if s is not None:
+                s.close(5.0)
+        server.stop()
+
+
+def test_adopt_moves_files_whole_and_a_held_spool_is_locked(tmp_path: Path) -> None:
+    mine = Spool(tmp_path / "mine", 1 << 20, file_bytes=16)
+    other = Spool(tmp_path / "other", 1 << 20, file_bytes=16)
+    assert mine.append(b"m x=1i 1\n")
+    assert other.append(b"a x=1i 1\n" * 3) and other.append(b"b x=2i 2\n" * 3)
+    with pytest.raises(SpoolLocked):
+        Spool(tmp_path / "other", 1 << 20)  # one process per directory
+    assert mine.adopt(other) == 2
+    assert other.bytes == 0 and len(other) == 0 and not list(other.dir.glob("spool-*.lp"))
+    assert len(mine) == 3 and mine.bytes == sum(
+        f.stat().st_size for f in (tmp_path / "mine").glob("spool-*.lp"))
+    other.close()
+    got = []
+    while (old := mine.oldest()) is not None:
+        got.append(old[1])
+        mine.remove(old[0])
+    assert got == [b"m x=1i 1\n", b"a x=1i 1\n" * 3, b"b x=2i 2\n" * 3]  # ours first
+    mine.close()
 
 
 @needs_vm

@@ -146,6 +146,33 @@ class SpoolDir:
         self.bytes -= self._sizes.pop(p, 0)
         self._sync_dir()
 
+    def adopt(self, other: SpoolDir) -> int:
+        """Take over every file of `other` (a spool whose process is gone: the caller holds its
+        lock) by renaming it into this directory as the newest files; returns the files taken.
+        A rename is atomic, so a file is in one spool or the other, never lost and never in
+        both, whenever either process stops."""
+        n = 0
+        with self.lock, other.lock:
+            other._close_active()
+            while other._files:
+                src = other._files.popleft()
+                size = other._sizes.pop(src, 0)
+                other.bytes -= size
+                self._seq += 1
+                dst = self.dir / f"{self.prefix}{self._seq:012d}{self.suffix}"
+                try:
+                    os.rename(src, dst)
+                except FileNotFoundError:
+                    continue
+                self._files.append(dst)
+                self._sizes[dst] = size
+                self.bytes += size
+                n += 1
+            if n:
+                self._sync_dir()
+                other._sync_dir()
+        return n
+
     def close(self) -> None:
         with self.lock:
             self._close_active()

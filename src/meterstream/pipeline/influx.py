@@ -28,7 +28,8 @@ import numpy.typing as npt
 
 from meterstream.collectors.batch import NO_DRIFT, OUTCOME_ERROR, CollectorEvent, ReadingBatch
 from meterstream.collectors.commands import CommandResult
-from meterstream.spool import SpoolDir
+from meterstream.errors import UserError
+from meterstream.spool import SpoolDir, SpoolLocked
 
 if TYPE_CHECKING:
     from meterstream.tomlcheck import TomlTable
@@ -48,6 +49,7 @@ _REGISTER_FIELDS = ("total_centikwh", "t1_centikwh", "t2_centikwh", "t3_centikwh
 LINK_WRITTEN = ("up", "down", "heartbeat_missed", "registration", "replaced")
 
 SPOOL_PREFIX, SPOOL_SUFFIX = "spool-", ".lp"
+MAX_SLOTS = 64  # spool slots in one root: live sink processes sharing it
 REJECTED_FILE = "rejected.lp"
 
 #: The KPI fields the pipeline may write to `kpi` (integers: bp, counts, 0.01 kWh). kpi_line
@@ -347,7 +349,9 @@ class Spool(SpoolDir):
     prefix, suffix, what = SPOOL_PREFIX, SPOOL_SUFFIX, "influx spool"
 
     def __init__(self, directory: Path, max_bytes: int, file_bytes: int = 4 << 20) -> None:
-        super().__init__(directory, max_bytes, file_bytes)
+        # one process per directory: a spool whose lock is free belongs to a process that is
+        # gone, and a live sink may adopt it (InfluxSink, `adopt_dir`)
+        super().__init__(directory, max_bytes, file_bytes, exclusive=True)
 
     @staticmethod
     def complete(data: bytes) -> int:
@@ -444,6 +448,7 @@ class InfluxStats:
     spool_files: int = 0
     pending: int = 0  # in memory, not yet sent or spooled
     errors: int = 0  # points lost to a failure of the sink itself (logged: disk, a bug)
+    adopted: int = 0  # bytes of spool files taken over from stopped processes (adopt_dir)
     server_up: bool = True  # the last attempt reached the server
     last_error: str = ""
 
@@ -474,7 +479,8 @@ class InfluxSink:
                  backoff_s: tuple[float, float] = (1.0, 60.0), spool_file_bytes: int = 4 << 20,
                  max_pending: int | None = None,
                  on_event: Callable[[str, str], None] | None = None,
-                 sender: Sender | None = None) -> None:
+                 sender: Sender | None = None, adopt_dir: str | os.PathLike[str] | None = None,
+                 adopt_s: float = 30.0) -> None:
         if batch_size < 1 or flush_s <= 0 or spool_max_mb <= 0:
             raise ValueError("batch_size, flush_s and spool_max_mb must be positive")
         self.batch_size = batch_size
@@ -497,6 +503,11 @@ class InfluxSink:
         self._full = False  # the spool refused: reported once until it has room again
         self._backoff = backoff_s[0]
         self._retry_at = 0.0 if len(self.spool) else float("inf")
+        # spools of stopped sinks in the same root (a worker scaled down while the server was
+        # away): looked for at start and every adopt_s, taken over, written with ours
+        self.adopt_dir = None if adopt_dir is None else Path(adopt_dir)
+        self.adopt_s = adopt_s
+        self._adopt_at = 0.0 if self.adopt_dir is not None else float("inf")
         self._thread = threading.Thread(target=self._run, name="influx-sink", daemon=True)
         self._thread.start()
         from meterstream.pipeline import metrics
@@ -506,14 +517,23 @@ class InfluxSink:
     @classmethod
     def from_config(cls, cfg: InfluxConfig, env: Mapping[str, str] | None = None,
                     **kwargs: Any) -> InfluxSink:
+        """A sink on the first free slot of `cfg.spool_dir` (`slot-0`, `slot-1`, ...: one per
+        live process sharing the root), adopting the spools of slots whose process is gone."""
         env = os.environ if env is None else env
         token = env.get(cfg.token_env, "")
         if not token:
             log.warning("influx: %s is not set; writing without a token (InfluxDB 2 will "
                         "answer 401 and the points will wait in the spool)", cfg.token_env)
-        return cls(cfg.url, token, cfg.org, cfg.bucket, cfg.spool_dir,
-                   batch_size=cfg.batch_size, flush_s=cfg.flush_s, spool_max_mb=cfg.spool_max_mb,
-                   timeout_s=cfg.timeout_s, backoff_s=cfg.backoff_s, **kwargs)
+        for slot in range(MAX_SLOTS):
+            try:
+                return cls(cfg.url, token, cfg.org, cfg.bucket, cfg.spool_dir / f"slot-{slot}",
+                           batch_size=cfg.batch_size, flush_s=cfg.flush_s,
+                           spool_max_mb=cfg.spool_max_mb, timeout_s=cfg.timeout_s,
+                           backoff_s=cfg.backoff_s, adopt_dir=cfg.spool_dir, **kwargs)
+            except SpoolLocked:
+                continue
+        raise UserError(f"all {MAX_SLOTS} spool slots are in use by live processes",
+                        where=str(cfg.spool_dir))
 
     # --- what the pipeline calls ---------------------------------------------------------------
 
@@ -683,6 +703,10 @@ class InfluxSink:
                         self._pending >= self.batch_size or self._flush_wanted or self._stop
                         or now - self._oldest_at >= self.flush_s)
                     drain = len(self.spool) > 0 and now >= self._retry_at
+                    if now >= self._adopt_at and not self._stop:
+                        self._adopt_at = now + self.adopt_s
+                        items = None
+                        break
                     if due and not (drain and not self._drained_last):  # take turns
                         items = self._take()
                         self._drained_last = False
@@ -696,21 +720,56 @@ class InfluxSink:
                     if self._stop:
                         return
                     waits = [self._retry_at - now if len(self.spool) else None,
-                             self._oldest_at + self.flush_s - now if self._items else None]
+                             self._oldest_at + self.flush_s - now if self._items else None,
+                             self._adopt_at - now if self.adopt_dir is not None else None]
                     timeout = min((w for w in waits if w is not None), default=None)
                     self._cv.wait(None if timeout is None else max(timeout, 0.001))
             try:
-                if items:
+                if items is None:
+                    self._adopt()
+                elif items:
                     self._handle(self._format(items))
                 else:
                     self._drain_one()
             except Exception:  # a bug must not kill the thread: say so, count, go on
                 log.exception("influx sink: unexpected error")
-                self._count(errors=sum(i.n for i in items))
+                self._count(errors=sum(i.n for i in items or ()))
             finally:
                 with self._cv:
-                    self._taken -= len(items)
+                    self._taken -= len(items or ())
                     self._cv.notify_all()
+
+    def _adopt(self) -> None:
+        """Take over the spools in `adopt_dir` (the root itself and its subdirectories) that no
+        live process holds; their points are then written with this sink's own."""
+        assert self.adopt_dir is not None
+        try:
+            found = [self.adopt_dir, *sorted(p for p in self.adopt_dir.iterdir() if p.is_dir())]
+        except OSError:
+            return
+        for d in found:
+            if d.resolve() == self.spool.dir.resolve() or not any(
+                    d.glob(f"{SPOOL_PREFIX}*{SPOOL_SUFFIX}")):
+                continue
+            try:
+                other = Spool(d, self.spool.max_bytes, self.spool.file_bytes)
+            except SpoolLocked:
+                continue  # its process is alive and writes it itself
+            except UserError as e:
+                log.warning("influx: cannot look at spool %s: %s", d, e)
+                continue
+            try:
+                n_bytes = other.bytes
+                n = self.spool.adopt(other)
+            finally:
+                other.close()
+            if n:
+                with self._cv:
+                    self._retry_at = 0.0 if self._stats.server_up else min(
+                        self._retry_at, time.monotonic() + self._backoff)
+                    self._count_locked(adopted=n_bytes)
+                self._event("spool_adopted", f"took over {n} spool files ({n_bytes} bytes) "
+                            f"left in {d} by a process that is gone")
 
     def _format(self, items: list[_Item]) -> list[str]:
         lines: list[str] = []
@@ -826,11 +885,16 @@ class InfluxSink:
 
     def _count(self, **delta: int) -> None:
         with self._cv:
-            self._stats = replace(self._stats, **{k: getattr(self._stats, k) + v
-                                                  for k, v in delta.items()})
+            self._count_locked(**delta)
+
+    def _count_locked(self, **delta: int) -> None:
+        self._stats = replace(self._stats, **{k: getattr(self._stats, k) + v
+                                              for k, v in delta.items()})
 
     def _event(self, kind: str, detail: str) -> None:
         level = logging.INFO if kind in ("server_up", "spool_ok") else logging.ERROR
+        if kind == "spool_adopted":
+            level = logging.WARNING
         if kind == "server_down":
             level = logging.WARNING
         log.log(level, "influx %s: %s", kind, detail)

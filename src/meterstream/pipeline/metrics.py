@@ -122,7 +122,9 @@ _WORKER_COUNTERS = {  # WorkerCore.counters key -> (metric, help)
     "batches": ("meterstream_worker_batches", "Reading batches applied"),
     "readings": ("meterstream_worker_readings", "Readings billed (ok rows of known meters)"),
     "replayed_batches": ("meterstream_worker_replayed_batches",
-                         "Batches seen before (redelivered), ignored"),
+                         "Batches older than their terminal's last: copies, or delivered late"),
+    "late_readings": ("meterstream_worker_late_readings",
+                      "Late readings that billed an advance not billed yet (backfill)"),
     "payments": ("meterstream_worker_payments", "Payments applied or recognised"),
     "duplicate_payments": ("meterstream_worker_duplicate_payments",
                            "Payments seen before (same transaction id), credited once"),
@@ -266,6 +268,9 @@ class _Live(Collector):
         for r in ("written", "spooled", "retried", "rejected", "refused", "errors"):
             pts.add_metric([r], sum(getattr(s, r) for s in stats))
         yield pts
+        yield CounterMetricFamily("meterstream_influx_adopted_bytes", "Bytes of spool files "
+                                  "taken over from stopped processes",
+                                  value=sum(s.adopted for s in stats))
         for name, doc in (("spool_bytes", "Bytes in the InfluxDB spool"),
                           ("spool_files", "Files in the InfluxDB spool"),
                           ("pending", "Points waiting in memory")):
