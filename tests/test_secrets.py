@@ -25,11 +25,13 @@ from meterstream.collectors.commands import CONFIRMED, Command
 from meterstream.collectors.config import load_collector_config, load_secrets
 from meterstream.collectors.sink import JsonLinesSink
 from meterstream.errors import UserError
+from meterstream.pipeline.config import load_worker_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "314159"
 OPERATOR = "27182818"
-ENVS = ("METERSTREAM_METER_PASSWORD", "METERSTREAM_OPERATOR_CODE", "METERSTREAM_SECRETS_FILE")
+ENVS = ("METERSTREAM_METER_PASSWORD", "METERSTREAM_OPERATOR_CODE", "METERSTREAM_SECRETS_FILE",
+        "METERSTREAM_OPERATOR_TOKENS")
 
 
 @pytest.fixture(autouse=True)
@@ -146,6 +148,63 @@ def test_a_missing_secrets_file_is_one_line_exit_2_through_the_cli(tmp_path: Pat
                        env={k: v for k, v in os.environ.items() if k not in ENVS})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "nope.toml" in r.stderr
+
+
+TOKENS = 'alice = "tok-alice-0123456789"\nbob = "tok-bob-9876543210ab"\n'
+
+
+def worker_toml(tmp: Path, extra: str) -> Path:
+    p = tmp / "worker.toml"
+    p.write_text(f"[worker]\npartitions = 2\n{extra}\n")
+    return p
+
+
+def test_the_workers_operator_tokens_come_from_the_secrets_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secrets_file(tmp_path, f'meter_password = "{PASSWORD}"\n[operator_tokens]\n{TOKENS}')
+    cfg = load_worker_config(worker_toml(tmp_path, 'secrets_file = "secrets.toml"'))
+    assert cfg.operator_tokens() == {"tok-alice-0123456789": "alice",
+                                     "tok-bob-9876543210ab": "bob"}
+    assert "tok-alice" not in repr(cfg)
+    # $METERSTREAM_SECRETS_FILE names it too; the token variable, when set, wins over the file
+    monkeypatch.setenv("METERSTREAM_SECRETS_FILE", str(tmp_path / "secrets.toml"))
+    cfg = load_worker_config(worker_toml(tmp_path, ""))
+    assert set(cfg.operator_tokens().values()) == {"alice", "bob"}
+    monkeypatch.setenv("METERSTREAM_OPERATOR_TOKENS", "carol:tok-carol-0123456789")
+    assert cfg.operator_tokens() == {"tok-carol-0123456789": "carol"}
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('[operator_tokens]\nalice = "short-token"\n', "operator_tokens.alice: a token needs at least 16"),
+    ('[operator_tokens]\nalice = 1234567890123456789\n', "operator_tokens.alice: expected a quoted"),
+    ('[operator_tokens]\nalice = "tok-same-0123456789"\nbob = "tok-same-0123456789"\n',
+     "operator_tokens.bob: the same token as 'alice'"),
+    ('operator_tokens = "alice:tok-alice-0123456789"\n', "operator_tokens: expected a table"),
+])
+def test_bad_operator_tokens_stop_the_worker_at_start_naming_the_key_never_the_value(
+        tmp_path: Path, text: str, needle: str) -> None:
+    secrets_file(tmp_path, text)
+    with pytest.raises(UserError) as exc:
+        load_worker_config(worker_toml(tmp_path, 'secrets_file = "secrets.toml"'))
+    msg = str(exc.value)
+    assert needle in msg and "worker.secrets_file" in msg, msg
+    for value in ("short-token", "1234567890123456789", "tok-same", "tok-alice"):
+        assert value not in msg
+
+
+def test_a_too_open_secrets_file_stops_the_worker_cli_in_one_line(tmp_path: Path) -> None:
+    s = secrets_file(tmp_path, f"[operator_tokens]\n{TOKENS}", mode=0o644)
+    conf = worker_toml(tmp_path, "")
+    env = {k: v for k, v in os.environ.items() if k not in ENVS}
+    env["METERSTREAM_SECRETS_FILE"] = str(s)
+    r = subprocess.run([sys.executable, "-m", "meterstream", "worker", "--broker",
+                        "kafka://127.0.0.1:9", "--archive", str(tmp_path / "a.csv"), "--tariffs",
+                        str(ROOT / "config" / "tariffs-example.toml"), "--config", str(conf)],
+                       check=False, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                       env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "too open" in r.stderr
+    assert "METERSTREAM_SECRETS_FILE" in r.stderr and "tok-" not in r.stderr
 
 
 def test_the_shipped_configuration_holds_no_collector_secret() -> None:

@@ -137,6 +137,8 @@ def _poll(t: TomlTable, base: PollConfig) -> PollConfig:
 
 SECRETS_ENV = "METERSTREAM_SECRETS_FILE"
 SECRET_KEYS = ("meter_password", "operator_code")
+#: the API's operator tokens: `[operator_tokens]` name = "token" (at least this long)
+TOKEN_MIN_LEN = 16
 
 
 def _secret(t: TomlTable, k: str, default: str) -> str:
@@ -154,10 +156,11 @@ def _in_repository(p: Path) -> Path | None:
     return None
 
 
-def load_secrets(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The secrets file: TOML with `meter_password` and/or `operator_code`. Refused, like ssh
-    refuses a private key, when group or others may read or write it, and when it lies
-    inside a git work tree (secrets never live in a repository)."""
+def load_secrets(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The secrets file: TOML with `meter_password` and/or `operator_code` (the collector's),
+    and an `[operator_tokens]` table of operator name = API token (the worker's). Refused,
+    like ssh refuses a private key, when group or others may read or write it, and when it
+    lies inside a git work tree (secrets never live in a repository)."""
     p = Path(path)
     try:
         st = p.stat()
@@ -180,7 +183,20 @@ def load_secrets(path: str | os.PathLike[str]) -> dict[str, str]:
         # the decoder's message gives line and column; it does not quote the file
         raise UserError(f"not valid TOML: {str(exc).splitlines()[0]}", where=str(p)) from None
     t = TomlTable(doc, str(p), "", DOCS)
-    out = {k: _secret(t, k, "") for k in SECRET_KEYS if t.has(k)}
+    out: dict[str, Any] = {k: _secret(t, k, "") for k in SECRET_KEYS if t.has(k)}
+    if t.has("operator_tokens"):
+        tt = t.sub("operator_tokens")
+        tokens: dict[str, str] = {}  # token -> operator name
+        for name in list(tt.data):
+            token = _secret(tt, name, "")
+            if len(token) < TOKEN_MIN_LEN:
+                raise tt.fail(name, f"a token needs at least {TOKEN_MIN_LEN} characters "
+                              "(value not shown)")
+            if token in tokens:
+                raise tt.fail(name, f"the same token as {tokens[token]!r}: give each operator "
+                              "their own (value not shown)")
+            tokens[token] = name
+        out["operator_tokens"] = tokens
     t.finish()
     return out
 
@@ -193,7 +209,7 @@ def _credentials(t: TomlTable, base: Path | None) -> Credentials:
     op_env = t.string("operator_env", "METERSTREAM_OPERATOR_CODE")
     secrets_path = os.environ.get(SECRETS_ENV) or (
         t.string("secrets_file", "") if t.has("secrets_file") else "")
-    secrets: dict[str, str] = {}
+    secrets: dict[str, Any] = {}
     if secrets_path:
         sp = Path(secrets_path)
         from_env = bool(os.environ.get(SECRETS_ENV))

@@ -26,7 +26,6 @@ come from the environment, never from a file in the repo). Errors are JSON
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import time

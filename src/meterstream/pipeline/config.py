@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from meterstream.collectors.config import SECRETS_ENV, TOKEN_MIN_LEN, load_secrets
 from meterstream.errors import UserError
+from meterstream.kernels.collection import CollectionRules
 from meterstream.pipeline.commands import CommandPolicy
 from meterstream.tomlcheck import TomlTable
 
@@ -38,15 +40,23 @@ class WorkerConfig:
     policy: CommandPolicy = field(default_factory=CommandPolicy)
     influx: Any = None  # an InfluxConfig, or None: no InfluxDB
     audit_path: Path | None = None  # the tamper-evident audit trail (meterstream.audit), or None
+    rules: CollectionRules = field(default_factory=CollectionRules)  # [dropouts]
+    secrets_file: Path | None = None  # its [operator_tokens] (collectors/config.py load_secrets)
 
     def operator_tokens(self) -> dict[str, str]:
-        """token -> operator name, from the environment (never from a file in the repo)."""
-        out: dict[str, str] = {}
-        for part in os.environ.get(self.operator_tokens_env, "").split(","):
-            name, sep, token = part.strip().partition(":")
-            if sep and name and len(token) >= 16:
-                out[token] = name
-        return out
+        """token -> operator name: from the environment variable when it is set, else from
+        the secrets file's `[operator_tokens]` (never from a file in the repository)."""
+        raw = os.environ.get(self.operator_tokens_env, "").strip()
+        if raw:
+            out: dict[str, str] = {}
+            for part in raw.split(","):
+                name, sep, token = part.strip().partition(":")
+                if sep and name and len(token) >= TOKEN_MIN_LEN:
+                    out[token] = name
+            return out
+        if self.secrets_file is None:
+            return {}
+        return dict(load_secrets(self.secrets_file).get("operator_tokens", {}))
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,22 @@ class DemoConfig:
     payments: PaymentStream
 
 
+def _secrets_file(w: TomlTable, base: Path) -> Path | None:
+    """$METERSTREAM_SECRETS_FILE, else `[worker] secrets_file` (relative to the config file's
+    directory); read once here so that a broken or too open file is refused at start."""
+    env = os.environ.get(SECRETS_ENV, "")
+    if not env and not w.has("secrets_file"):
+        return None
+    path = Path(env) if env else base / w.string("secrets_file", "")
+    try:
+        load_secrets(path)
+    except UserError as exc:
+        if env:
+            raise UserError(f"{exc} (named by ${SECRETS_ENV})") from None
+        raise w.fail("secrets_file", str(exc)) from None
+    return path
+
+
 def _worker(t: TomlTable, source: str, base: Path) -> WorkerConfig:
     w = t.sub("worker")
     cfg = WorkerConfig(
@@ -88,7 +114,8 @@ def _worker(t: TomlTable, source: str, base: Path) -> WorkerConfig:
         producer_max_batch_size=(w.integer("producer_max_batch_size", 1, 1, 64 << 20)
                                  if w.has("producer_max_batch_size") else None),
         # relative to the config file's directory, like the other file keys
-        audit_path=(base / w.string("audit_path", "") if w.has("audit_path") else None))
+        audit_path=(base / w.string("audit_path", "") if w.has("audit_path") else None),
+        secrets_file=_secrets_file(w, base))
     w.finish()
     c = t.sub("commands")
     d = CommandPolicy()
@@ -105,6 +132,7 @@ def _worker(t: TomlTable, source: str, base: Path) -> WorkerConfig:
     except ValueError as exc:
         raise c.fail("backoff_base_s", str(exc)) from None
     c.finish()
+    rules = _dropouts(t.sub("dropouts"))
     influx = None
     if t.has("influx"):
         from meterstream.pipeline.influx import load_influx_config
@@ -112,7 +140,29 @@ def _worker(t: TomlTable, source: str, base: Path) -> WorkerConfig:
         influx = load_influx_config(t.sub("influx"), base)
     else:
         t.raw("influx")
-    return WorkerConfig(**{**cfg.__dict__, "policy": policy, "influx": influx})
+    return WorkerConfig(**{**cfg.__dict__, "policy": policy, "influx": influx, "rules": rules})
+
+
+def _dropouts(t: TomlTable) -> CollectionRules:
+    """The `[dropouts]` table: when a terminal counts as offline, when its own alarm goes out,
+    and when an area's dropouts become one area alarm (docs/collection-kernels.md)."""
+    d = CollectionRules()
+    s = 1_000_000_000
+    kw = {
+        "k": t.integer("k", d.k, 1, 1000),
+        "grace_ns": int(t.number("grace_s", d.grace_ns / s, 0.0, 86400.0) * s),
+        "hold_ns": int(t.number("hold_s", d.hold_ns / s, 0.0, 7 * 86400.0) * s),
+        "window_ns": int(t.number("window_s", d.window_ns / s, 0.0, 7 * 86400.0) * s),
+        "raise_share_bp": round(t.share("raise_share", d.raise_share_bp / 10_000) * 10_000),
+        "clear_share_bp": round(t.share("clear_share", d.clear_share_bp / 10_000) * 10_000),
+        "min_terminals": t.integer("min_terminals", d.min_terminals, 1, 1_000_000),
+        "meter_silent_k": t.integer("meter_silent_k", d.meter_silent_k, 1, 1000),
+    }
+    t.finish()
+    try:
+        return CollectionRules(**kw)
+    except UserError as exc:  # the one rule across keys: clear below raise
+        raise t.fail("clear_share", str(exc).removeprefix("collection rules: ")) from None
 
 
 def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str, Path]:
@@ -232,6 +282,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "the meters' remote-control password"),
     EnvVar("METERSTREAM_OPERATOR_CODE", "control.operator_env", "secret", _C,
            "the operator code sent with remote-control commands"),
+    EnvVar("METERSTREAM_SECRETS_FILE", "control.secrets_file / worker.secrets_file", "string",
+           _WC, "the secrets file (mode 600, outside any repository): meter password, "
+           "operator code, [operator_tokens]"),
 )
 ENV_BY_NAME = {v.name: v for v in ENV_VARS}
 
