@@ -130,6 +130,11 @@ CASES = [
      "worker.toml", "worker.audit_path: expected a string"),
     ("worker-commands-key", WORKER, sub("worker", "max_attempts = 4", "max_attempts = 4\nretry = 1"),
      "worker.toml", "commands.retry: unknown key"),
+    ("worker-dropouts-range", WORKER, sub("worker", "hold_s = 900.0", "hold_s = -5"),
+     "worker.toml", "dropouts.hold_s: -5"),
+    ("worker-dropouts-shares", WORKER, sub("worker", "hold_s = 900.0", "hold_s = 900.0\n"
+                                           "raise_share = 0.1\nclear_share = 0.2"),
+     "worker.toml", "dropouts.clear_share: need 0 <= clear_share_bp < raise_share_bp"),
     ("worker-billing-archive", WORKER, replace_line(
         "archive", 3, "330010010002,T1,A1,lowvoltage,residential_flat,0,thirty,customer"),
      "a.csv:3", "initial_balance"),

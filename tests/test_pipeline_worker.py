@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from random import Random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meterstream.collectors.batch import OUTCOME_OK, OUTCOME_TIMEOUT, ReadingBatch
 from meterstream.errors import UserError
 from meterstream.pipeline import topics
+from meterstream.pipeline.config import load_worker_config
 from meterstream.pipeline.worker import Out, WorkerCore
 
 TARIFFS = """
@@ -233,6 +237,131 @@ def test_dropouts_are_one_area_alarm_and_kpis_count_reads(tmp_path: Path) -> Non
     fresh = WorkerCore(tmp_path / "a.csv", tmp_path / "t.toml", now=clock)
     clock.t += 40 * 60 * 10**9
     assert fresh.detect_dropouts([]) == []
+
+
+def test_a_first_batch_delivered_after_the_second_is_billed_as_in_time_order(
+        tmp_path: Path) -> None:
+    """Delivery order is not time order (two collectors, a replayed spool): the worker ends
+    where time order ends, which is where `meterstream replay` (it sorts by time) ends."""
+    (tmp_path / "a.csv").write_text(ARCHIVE)
+    (tmp_path / "t.toml").write_text(TARIFFS)
+    m1, m2 = 330010010001, 330010010002
+    b = [batch("T1", T0 + k * H, [(m1, T0 + k * H, 100_00 + k * 150, OUTCOME_OK),
+                                  (m2, T0 + k * H, 500_00 + k * 75, OUTCOME_OK)])
+         for k in range(4)]
+
+    def run(order: list[int]) -> tuple[list[int], dict[str, int]]:
+        core = WorkerCore(tmp_path / "a.csv", tmp_path / "t.toml", now=Clock())
+        for k in order:
+            core.on_batch(b[k])
+        return core.fleet.hot["balance"][:2].tolist(), core.counters
+
+    in_order, c = run([0, 1, 2, 3])
+    assert in_order == [3_000_000 - 4_500_000, 3_000_000 - 2_250_000]  # 4.50 and 2.25 kWh
+    assert c["late_readings"] == 0
+    late_first, c = run([1, 0, 2, 3])  # the first batch overtaken by the second
+    assert late_first == in_order and c["late_readings"] == 2
+    # and copies of every batch on the way change nothing
+    assert run([1, 0, 0, 1, 2, 0, 3, 2, 1])[0] == in_order
+    # a late batch between two billed ones lies inside an advance billed already
+    middle, c = run([0, 2, 1, 3])
+    assert middle == in_order and c["late_readings"] == 0 and c["replayed_batches"] == 1
+    # the first batch arriving after advances were billed, or the first two both overtaken
+    late_first, c = run([1, 2, 3, 0])
+    assert late_first == in_order and c["late_readings"] == 2
+    assert run([2, 1, 0, 3])[0] == in_order and run([3, 2, 1, 0])[0] == in_order
+    # and the state (the earliest reading with it) survives a restart between them
+    core = WorkerCore(tmp_path / "a.csv", tmp_path / "t.toml", now=Clock())
+    for k in (2, 3):
+        core.on_batch(b[k])
+    again = WorkerCore(tmp_path / "a.csv", tmp_path / "t.toml", now=Clock())
+    again.load_state("T1", core.state_of("T1"))
+    for k in (1, 0):
+        again.on_batch(b[k])
+    assert again.fleet.hot["balance"][:2].tolist() == in_order
+    # time order refuses the second reading (it went backwards from the first): overtaken,
+    # the first becomes the baseline all the same, and the third is billed from it
+    b = [batch("T1", T0 + k * H, [(m1, T0 + k * H, total, OUTCOME_OK)])
+         for k, total in enumerate((100_00, 99_00, 101_00))]
+    in_order, _ = run([0, 1, 2])
+    assert in_order[0] == 3_000_000 - 1_000_000
+    assert run([1, 0, 2])[0] == in_order
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 300), min_size=2, max_size=7), st.randoms(use_true_random=False))
+def test_any_delivery_order_ends_where_time_order_ends(tmp_path_factory: pytest.TempPathFactory,
+                                                       steps: list[int], rnd: Random) -> None:
+    """Batches of a terminal in any order, copies among them: the balances of time order."""
+    d = tmp_path_factory.mktemp("order")
+    (d / "a.csv").write_text(ARCHIVE)
+    (d / "t.toml").write_text(TARIFFS)
+    totals = [100_00 + sum(steps[:k]) for k in range(len(steps))]
+    b = [batch("T1", T0 + k * H, [(330010010001, T0 + k * H, v, OUTCOME_OK)])
+         for k, v in enumerate(totals)]
+
+    def run(order: list[int]) -> int:
+        core = WorkerCore(d / "a.csv", d / "t.toml", now=Clock())
+        for k in order:
+            core.on_batch(b[k])
+        return int(core.fleet.hot["balance"][0])
+
+    order = list(range(len(b)))
+    rnd.shuffle(order)
+    order += rnd.choices(range(len(b)), k=rnd.randint(0, 3))  # copies, late
+    assert run(order) == run(list(range(len(b)))) == 3_000_000 - (totals[-1] - totals[0]) * 10_000
+
+
+def test_the_dropouts_table_sets_when_a_terminals_own_alarm_goes_out(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text(ARCHIVE)
+    (tmp_path / "t.toml").write_text(TARIFFS)
+    (tmp_path / "w.toml").write_text("[worker]\ncycle_s = 60.0\n[dropouts]\nk = 2\n"
+                                     "hold_s = 120\n")
+    rules = load_worker_config(tmp_path / "w.toml").rules
+    assert (rules.k, rules.hold_ns, rules.grace_ns) == (2, 120 * 10**9, 60 * 10**9)
+
+    def minutes_to_alarm(**kw: object) -> int | None:
+        """T1 goes quiet while T2 of its area reports: minutes until T1's own alarm."""
+        clock = Clock()
+        core = WorkerCore(tmp_path / "a.csv", tmp_path / "t.toml", now=clock, cycle_s=60.0,
+                          **kw)  # type: ignore[arg-type]
+        for minute in range(1, 13):
+            clock.t += 60 * 10**9
+            if minute == 1:
+                core.on_batch(batch("T1", clock.t, [(330010010001, clock.t, 100_00, OUTCOME_OK)]))
+            core.on_batch(batch("T2", clock.t, [(330010020001, clock.t, 100_00, OUTCOME_OK)]))
+            kinds_ = [json.loads(o.value)["kind"] for o in core.detect_dropouts(["T1", "T2"])]
+            assert "area_dropout" not in kinds_  # one terminal of two: not an area outage
+            if "terminal_offline" in kinds_:
+                return minute
+        return None
+
+    # missed at 2 cycles + 60 s grace (minute 4), alarmed 120 s later; the default holds 15 min
+    assert minutes_to_alarm(rules=rules) == 6
+    assert minutes_to_alarm() is None
+
+
+def test_the_memory_the_worker_keeps_for_the_dashboard_is_configured(tmp_path: Path) -> None:
+    from meterstream.pipeline.api import Api
+
+    (tmp_path / "w.toml").write_text("[worker]\nevents_kept = 100\nhistory_meters = 8\n"
+                                     "history_entries = 4\n")
+    cfg = load_worker_config(tmp_path / "w.toml")
+    assert (cfg.events_kept, cfg.history_meters, cfg.history_entries) == (100, 8, 4)
+    assert (load_worker_config(None).history_meters, load_worker_config(None).history_entries) \
+        == (1024, 32)  # at most about 43 MB of customer history (docs/dashboard.md)
+    (tmp_path / "w.toml").write_text("[worker]\nhistory_entries = 0\n")
+    with pytest.raises(UserError, match="worker.history_entries: 0 is below the minimum 1"):
+        load_worker_config(tmp_path / "w.toml")
+    from meterstream.pipeline.api import MeterHistory
+
+    class _W:
+        core = None
+
+    api = Api(_W(), history=MeterHistory(8, entries=4))
+    for k in range(20):  # a customer's events beyond the bound push the oldest out
+        api.history.event("330010010001", {"kind": "payment_applied", "n": k})
+    assert [e["n"] for e in api.history.events_of("330010010001")] == [16, 17, 18, 19]
 
 
 def test_billing_follows_the_relay_an_operator_closed(core: WorkerCore) -> None:

@@ -26,7 +26,15 @@ import pytest
 
 from meterstream.collectors.batch import NO_DRIFT, OUTCOME_OK, OUTCOME_TIMEOUT, ReadingBatch
 from meterstream.errors import UserError
-from meterstream.scenario import FAULTS, ScenarioConfig, parse_faults, run, schedule
+from meterstream.scenario import (
+    FAULTS,
+    ScenarioConfig,
+    parse_faults,
+    rss_report,
+    run,
+    schedule,
+    write_rss,
+)
 from meterstream.scenario_check import (
     MeterMoney,
     Msg,
@@ -185,6 +193,18 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path: Path) -> None:
         assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_the_memory_report_tells_a_buffer_filling_from_a_leak(tmp_path: Path) -> None:
+    t = [2.0 * i for i in range(90)]  # 3 minutes, a sample every 2 s
+    filling = [(x, 300_000 + min(x, 60.0) * 100) for x in t]  # 100 KB/s for a minute, then flat
+    leak = [(x, 300_000 + x * 10) for x in t]  # 10 KB/s throughout: 600 KB/min
+    text = rss_report({"worker-1#1": filling, "worker-2#1": leak, "short": filling[:19]})
+    assert "short" not in text  # fewer than 20 samples: a warm-up, not a trend
+    assert "worker-1#1 +0 (thirds +6000/+0/+0)" in text  # filled in the first third
+    assert "worker-2#1 +600 (thirds +600/+600/+600)" in text
+    write_rss(tmp_path / "rss.csv", {"w": leak[:2]})
+    assert (tmp_path / "rss.csv").read_text() == "process,seconds,rss_kb\nw,0.0,300000\nw,2.0,300020\n"
+
+
 # --- whole runs ---------------------------------------------------------------------------------
 
 
@@ -204,6 +224,9 @@ def test_sigkill_three_times_and_duplicates_out_of_order(tmp_path: Path) -> None
     rep = _run(tmp_path, 11, "kill,dup", minutes=1.0, kills=3)
     assert rep["injected"]["kill"] == 3
     assert rep["injected"]["reading-copies"] > 0 and rep["injected"]["payment-copies"] > 0
+    # batches overtaken by the terminal's next one, first batches among them (the money of a
+    # backfill is proved in test_pipeline_worker: 2 s cycles rarely move a register)
+    assert rep["injected"]["batches-reordered"] > 0
     assert rep["counts"]["channel duplicates"] > 0
     assert rep["checks"]["workers"]["ok"]
 

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 APP_ID = "meterstream-worker"
 INTAKE_GROUP = "payments-intake"
 COLLECTOR_CLIENT = "meterstream-collector"  # the client-id prefix the link cut drops
+REORDER_SHARE = 0.05  # dup: batches (after a terminal's first) delivered after the next one
 VM_BIN = "/usr/bin/victoria-metrics"
 
 
@@ -166,9 +167,9 @@ class WorkerProc:
                 f"tick_s = 0.5\nkpi_s = 2.0\ncycle_s = {cfg.cycle_s}\n"
                 "producer_max_batch_size = 1\n"
                 "[commands]\nresult_timeout_s = 30.0\nbackoff_base_s = 2.0\nbackoff_cap_s = 20.0\n")
-        if influx_url:
+        if influx_url:  # one spool root for all: each takes a slot, a stopped one's is adopted
             text += (f'[influx]\nurl = "{influx_url}"\norg = "county"\nbucket = "meterstream"\n'
-                     f'spool_dir = "{self.dir / "influx-spool"}"\nbatch_size = 500\n'
+                     f'spool_dir = "{out / "influx-spool"}"\nbatch_size = 500\n'
                      "flush_s = 0.5\ntimeout_s = 3.0\nbackoff_s = [0.2, 2.0]\n")
         conf.write_text(text)
         self.args = [sys.executable, "-m", "meterstream", "worker", "--broker",
@@ -470,6 +471,31 @@ def slope_kb_per_min(samples: list[tuple[float, int]]) -> float | None:
     return sum((t - mx) * (v - my) for t, v in samples) / sxx * 60.0
 
 
+def rss_report(rss: dict[str, list[tuple[float, int]]]) -> str:
+    """Each process's RSS slope over the last two thirds of its life, then per third (KB/min):
+    bounded buffers filling show as a slope that falls from one third to the next, a leak as
+    one that does not. A process sampled fewer than 20 times gives a warm-up slope: left out."""
+    parts = []
+    for k, v in rss.items():
+        if len(v) < 20:
+            continue
+        n = len(v)
+        thirds = [slope_kb_per_min(v[i * n // 3:(i + 1) * n // 3]) for i in range(3)]
+        last = slope_kb_per_min(v[n // 3:])
+        if last is not None:
+            parts.append(f"{k} {last:+.0f} (thirds " + "/".join(
+                f"{x:+.0f}" if x is not None else "?" for x in thirds) + ")")
+    return ", ".join(parts) or "n/a"
+
+
+def write_rss(path: Path, rss: dict[str, list[tuple[float, int]]]) -> None:
+    """The RSS samples as CSV (process, seconds into the run, KB), to plot or fit again."""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("process,seconds,rss_kb\n")
+        for name, samples in rss.items():
+            fh.writelines(f"{name},{t:.1f},{kb}\n" for t, kb in samples)
+
+
 async def run_scenario(cfg: ScenarioConfig, *, log: Callable[[str], None] | None = None) -> Report:
     """One seeded run; the report says what was injected, counted and checked."""
     from meterfield.config import parse_config
@@ -576,11 +602,47 @@ async def run_scenario(cfg: ScenarioConfig, *, log: Callable[[str], None] | None
         # the collectors, in this process, through the proxy
         handed: dict[tuple[str, int], int] = {}
 
+        reorder = random.Random(cfg.seed * 41 + 7) if "dup" in cfg.faults else None
+        first_late = set(reorder.sample(sorted(fld.terminals), len(fld.terminals) // 3)
+                         if reorder else ())
+
         class RecordingSink(KafkaSink):
+            """Records every batch handed; with `dup`, delivers some out of order: the first
+            batch of a third of the terminals, and REORDER_SHARE of the others, go out right
+            after the terminal's next batch."""
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.held: dict[str, Any] = {}  # terminal -> its batch waiting for the next
+                self.seen: set[str] = set()
+                self.reordered = 0
+                self.closing = False
+
             def batch(self, batch: Any) -> None:
                 handed[(batch.terminal, batch.started_ns)] = handed.get(
                     (batch.terminal, batch.started_ns), 0) + 1
-                super().batch(batch)
+                if reorder is None or self.closing:
+                    super().batch(batch)
+                    return
+                earlier = self.held.pop(batch.terminal, None)
+                if earlier is not None:
+                    super().batch(batch)
+                    super().batch(earlier)
+                    self.reordered += 1
+                    return
+                first = batch.terminal not in self.seen
+                self.seen.add(batch.terminal)
+                if (batch.terminal in first_late) if first else reorder.random() < REORDER_SHARE:
+                    self.held[batch.terminal] = batch
+                else:
+                    super().batch(batch)
+
+            def release(self) -> None:
+                """The run is over: what is held goes out (late, after nothing)."""
+                self.closing = True
+                for held in self.held.values():
+                    super().batch(held)
+                self.held.clear()
 
         base = load_collector_config(ROOT / "config" / "collector.toml")
         ccfg = dataclasses.replace(
@@ -698,9 +760,11 @@ async def run_scenario(cfg: ScenarioConfig, *, log: Callable[[str], None] | None
         await pay.pump(everything=True)
         if dup is not None:
             await dup.stop()
+        sink.release()
         rep.injected = {**injected, **({"flap-episodes": flap_episodes} if flappers else {}),
                         **({"reading-copies": dup.copies["readings"],
-                            "payment-copies": dup.copies["payments"]} if dup else {})}
+                            "payment-copies": dup.copies["payments"],
+                            "batches-reordered": sink.reordered} if dup else {})}
         say("traffic over: stopping the collectors, waiting for the workers to drain")
         await collector.stop()
         stops.remove(collector.stop)
@@ -828,10 +892,8 @@ async def run_scenario(cfg: ScenarioConfig, *, log: Callable[[str], None] | None
             rep.checks["flapping terminals"] = _flap_check(
                 flappers, down_intervals, seen[topics.LINKS.name], seen[topics.COMMANDS.name],
                 events, flap_episodes, cfg, t0, rss)
-        # a process sampled fewer than 20 times (40 s) gives a warm-up slope, not a trend
-        spread = {k: slope_kb_per_min(v[len(v) // 3:]) for k, v in rss.items() if len(v) >= 20}
-        rep.counts["rss slope KB/min (last 2/3)"] = ", ".join(
-            f"{k} {v:+.0f}" for k, v in spread.items() if v is not None) or "n/a"
+        rep.counts["rss slope KB/min (last 2/3)"] = rss_report(rss)
+        write_rss(out / "rss.csv", rss)
         rep.counts["event kinds"] = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
     finally:
         for w in workers:
@@ -913,13 +975,12 @@ def _flap_check(flappers: list[str], down: dict[str, list[list[float]]], links: 
     alarms = [e for e in events if e.get("kind") in ("terminal_offline", "area_dropout")]
     areas = {e.get("terminal") for e in alarms if e.get("kind") == "area_dropout"}
     bound = episodes + cfg.areas * 4
-    flat = {k: slope_kb_per_min(v[len(v) // 3:]) for k, v in rss.items() if len(v) >= 20}
     return {"ok": not unflagged and offline_cmds == 0 and len(alarms) <= bound,
             "detail": f"{len(flappers)} terminals flapping, {episodes} down episodes, "
                       f"{len(flappers) - len(unflagged)} flagged down; {offline_cmds} commands "
                       f"to a terminal offline > {slack_ms / 1000:g} s; {len(alarms)} alarms "
                       f"({len(areas)} area alarms; bound {bound}); RSS slope KB/min "
-                      + ", ".join(f"{k} {v:+.0f}" for k, v in flat.items() if v is not None)}
+                      + rss_report(rss)}
 
 
 def run(cfg: ScenarioConfig, *, log: Callable[[str], None] | None = None) -> Report:

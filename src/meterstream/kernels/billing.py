@@ -75,6 +75,7 @@ OUT_ACCEPTED = 0  # billed; detail: mask of the registers that rolled over (0: n
 OUT_BASELINE = 1  # the meter's first reading: baselines set, nothing charged
 OUT_BACKWARDS = 2  # a register went backwards: not billed; detail: mask of those registers
 OUT_IMPLAUSIBLE = 3  # above the plan's max_kw: not billed; detail: d_total (0.01 kWh)
+OUT_STALE = 4  # delivered late, inside an advance billed already: nothing to do
 
 # Result of a payment row.
 PAY_APPLIED = 10  # settled: balance += amount
@@ -265,6 +266,32 @@ def _count_anomaly(cold: np.ndarray, s: int, ts: int, outcome: int) -> None:
 
 
 @njit(**NJIT_INLINE)
+def _price(plans: np.ndarray, tiers: np.ndarray, p: int, used: int, d0: int, d1: int, d2: int,
+           d3: int, d4: int) -> int:
+    """The charge (micro-yuan) of an advance d0..d4 (0.01 kWh) on plan p with `used` so far in
+    the period: exact integers."""
+    # Time-of-use prices when the plan has them and the tariff registers moved, else flat.
+    # Chosen without a branch: plans are mixed at random across a fleet.
+    tou = (
+        d1 * plans[p, P_T1]
+        + d2 * plans[p, P_T1 + 1]
+        + d3 * plans[p, P_T1 + 2]
+        + d4 * plans[p, P_T1 + 3]
+    )
+    flat = d0 * plans[p, P_FLAT]
+    use_tou = plans[p, P_TOU] & np.int64(d1 + d2 + d3 + d4 > 0)
+    charge = flat + use_tou * (tou - flat)
+    n_tiers = plans[p, P_NTIERS]
+    if n_tiers > 0:
+        j = plans[p, P_TIER0]
+        if used + d0 <= tiers[j, T_UPTO]:  # all of it inside the first block: one product
+            charge += d0 * tiers[j, T_ADD]
+        else:
+            charge += _tier_addon(tiers, j, n_tiers, used, d0)
+    return charge
+
+
+@njit(**NJIT_INLINE)
 def bill_reading(
     hot: np.ndarray,
     cold: np.ndarray,
@@ -322,24 +349,7 @@ def bill_reading(
             used = 0
     charge = 0
     if r.supply == 0:
-        # Time-of-use prices when the plan has them and the tariff registers moved, else flat.
-        # Chosen without a branch: plans are mixed at random across a fleet.
-        tou = (
-            d1 * plans[p, P_T1]
-            + d2 * plans[p, P_T1 + 1]
-            + d3 * plans[p, P_T1 + 2]
-            + d4 * plans[p, P_T1 + 3]
-        )
-        flat = d0 * plans[p, P_FLAT]
-        use_tou = plans[p, P_TOU] & np.int64(d1 + d2 + d3 + d4 > 0)
-        charge = flat + use_tou * (tou - flat)
-        n_tiers = plans[p, P_NTIERS]
-        if n_tiers > 0:
-            j = plans[p, P_TIER0]
-            if used + d0 <= tiers[j, T_UPTO]:  # all of it inside the first block: one product
-                charge += d0 * tiers[j, T_ADD]
-            else:
-                charge += _tier_addon(tiers, j, n_tiers, used, d0)
+        charge = _price(plans, tiers, p, used, d0, d1, d2, d3, d4)
         r.balance -= charge
         r.charged += charge
     r.used = used + d0
@@ -580,6 +590,124 @@ def apply_readings(
 
 
 @njit(**NJIT)
+def backfill_reading(
+    hot: np.ndarray,
+    cold: np.ndarray,
+    first: np.ndarray,
+    plans: np.ndarray,
+    tiers: np.ndarray,
+    zone: np.ndarray,
+    clock: np.ndarray,
+    s: int,
+    ts: int,
+    total: int,
+    t1: int,
+    t2: int,
+    t3: int,
+    t4: int,
+) -> tuple[int, int, int]:
+    """A reading of meter `s` delivered after newer ones: (outcome, charge, detail).
+
+    Older than the meter's earliest reading (`first`), it starts an advance nobody billed: the
+    advance to that reading is billed now and the reading becomes the earliest, which is what
+    time order (replay) bills. Charges are exact integers, linear in the advance, and the tier
+    add-on depends only on the period's total, so the order does not change the sum when both
+    readings fall in the meter's current billing period; an advance of an earlier period is
+    priced from the start of its tier blocks. A reading between the earliest and the last lies
+    inside an advance billed already (OUT_STALE). When time order would refuse the earliest
+    reading against this one (backwards, or implausible), this one takes its place as the
+    baseline if nothing was billed since; otherwise it is only counted."""
+    r = hot[s]
+    f = first[s]
+    if r.has_baseline == 0 or ts >= f.ts:
+        return OUT_STALE, 0, 0
+    d0 = f.total - np.int64(total)
+    d1 = f.t1 - np.int64(t1)
+    d2 = f.t2 - np.int64(t2)
+    d3 = f.t3 - np.int64(t3)
+    d4 = f.t4 - np.int64(t4)
+    roll = 0
+    back = 0
+    if (d0 | d1 | d2 | d3 | d4) < 0:
+        d0, d1, d2, d3, d4, roll, back = _wrap_all(d0, d1, d2, d3, d4)
+    if back != 0 or implausible(d0, f.ts - ts, plans[r.plan, P_MAX]):
+        o = OUT_BACKWARDS if back != 0 else OUT_IMPLAUSIBLE
+        _count_anomaly(cold, s, f.ts, o)
+        if r.last_ts == f.ts:  # the earliest is still the baseline: nothing billed from it
+            r.base_total = total
+            r.base_t1 = t1
+            r.base_t2 = t2
+            r.base_t3 = t3
+            r.base_t4 = t4
+            r.last_ts = ts
+            f.ts = ts
+            f.total = total
+            f.t1 = t1
+            f.t2 = t2
+            f.t3 = t3
+            f.t4 = t4
+        return o, 0, back if back != 0 else d0
+    charge = 0
+    key = period_key(clock, zone, plans[r.plan, P_PERIOD], f.ts)
+    same = key == r.period
+    if r.supply == 0:
+        charge = _price(plans, tiers, r.plan, r.used if same else 0, d0, d1, d2, d3, d4)
+        r.balance -= charge
+        r.charged += charge
+    if same:
+        r.used += d0
+    f.ts = ts
+    f.total = total
+    f.t1 = t1
+    f.t2 = t2
+    f.t3 = t3
+    f.t4 = t4
+    if roll != 0:
+        _count_anomaly(cold, s, f.ts, OUT_ACCEPTED)
+    return OUT_ACCEPTED, charge, roll
+
+
+@njit(**NJIT)
+def apply_late_readings(
+    hot: np.ndarray,
+    cold: np.ndarray,
+    first: np.ndarray,
+    plans: np.ndarray,
+    tiers: np.ndarray,
+    zone: np.ndarray,
+    window: np.ndarray,
+    holidays: np.ndarray,
+    online: np.ndarray,
+    clock: np.ndarray,
+    slot: np.ndarray,
+    ts: np.ndarray,
+    total: np.ndarray,
+    t1: np.ndarray,
+    t2: np.ndarray,
+    t3: np.ndarray,
+    t4: np.ndarray,
+    charge: np.ndarray,
+    outcome: np.ndarray,
+    detail: np.ndarray,
+    action: np.ndarray,
+) -> None:
+    """`apply_readings` for a batch delivered after a newer one of its terminal: backfill_reading
+    for each reading; a billed one is decided on at the meter's newest time."""
+    for i in range(slot.shape[0]):
+        s = np.uint64(slot[i])
+        o, c, a = backfill_reading(hot, cold, first, plans, tiers, zone, clock, s, ts[i],
+                                   total[i], t1[i], t2[i], t3[i], t4[i])
+        act = 0
+        if o == OUT_ACCEPTED:
+            act = decide(hot, cold, plans, zone, window, holidays, online, clock, s,
+                         hot[s].last_ts)
+        charge[i] = c
+        outcome[i] = o
+        detail[i] = a
+        action[i] = act
+
+
+@njit(**NJIT)
 def apply_payments(
     hot: np.ndarray,
     cold: np.ndarray,
@@ -721,36 +849,30 @@ class Billing:
         t2: np.ndarray,
         t3: np.ndarray,
         t4: np.ndarray,
+        *,
+        late: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(charge, outcome, detail, action) of a batch of readings."""
+        """(charge, outcome, detail, action) of a batch of readings; `late`: a batch delivered
+        after a newer one of its terminal (apply_late_readings). Keeps `Fleet.first`: a
+        meter's first reading is recorded there."""
         n = slot.shape[0]
         charge = np.zeros(n, np.int64)
         outcome = np.zeros(n, np.int8)
         detail = np.zeros(n, np.int64)
         action = np.zeros(n, np.int16)
         f, t = self.fleet, self.tariff
-        apply_readings(
-            f.hot,
-            f.cold,
-            t.plans,
-            t.tiers,
-            t.zone,
-            t.window,
-            t.holidays,
-            f.terminal_online,
-            self.clock,
-            slot,
-            ts,
-            total,
-            t1,
-            t2,
-            t3,
-            t4,
-            charge,
-            outcome,
-            detail,
-            action,
-        )
+        rest = (t.plans, t.tiers, t.zone, t.window, t.holidays, f.terminal_online, self.clock,
+                slot, ts, total, t1, t2, t3, t4, charge, outcome, detail, action)
+        if late:
+            apply_late_readings(f.hot, f.cold, f.first, *rest)
+        else:
+            apply_readings(f.hot, f.cold, *rest)
+            new = outcome == OUT_BASELINE  # a meter's first reading: its earliest so far
+            if new.any():
+                at = slot[new]
+                for name, v in (("ts", ts), ("total", total), ("t1", t1), ("t2", t2),
+                                ("t3", t3), ("t4", t4)):
+                    f.first[name][at] = v[new]
         return charge, outcome, detail, action
 
     def apply_payments(

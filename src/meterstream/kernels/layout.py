@@ -41,6 +41,13 @@ cold (per meter, `Fleet.cold`):
   terminal      int32  index of the meter's terminal
   n_rollover, n_backwards, n_implausible  int32  anomaly counters (the flags are count > 0)
 
+first (per meter, `Fleet.first`): the meter's earliest reading billed from (its first reading,
+or an older one delivered late since), for a reading that arrives after newer ones
+(`billing.backfill_reading`). Written only then and at the first reading, never by a normal
+reading, so it stays out of the hot record:
+  ts            int64  epoch ns, INT64_MIN while the meter has no reading
+  total, t1..t4 int32  its registers, 0.01 kWh
+
 payment ledger (per fleet, `Fleet.ledger`, int64 [capacity, 4], row = payment key):
   L_STATE   LEDGER_UNSEEN / PENDING / SETTLED / FAILED
   L_SLOT    the meter the payment id belongs to
@@ -105,7 +112,19 @@ COLD_DTYPE = np.dtype(
     align=True,
 )
 
-assert HOT_DTYPE.itemsize == 64 and COLD_DTYPE.itemsize == 64
+FIRST_DTYPE = np.dtype(
+    [
+        ("ts", "<i8"),
+        ("total", "<i4"),
+        ("t1", "<i4"),
+        ("t2", "<i4"),
+        ("t3", "<i4"),
+        ("t4", "<i4"),
+    ],
+    align=True,
+)
+
+assert HOT_DTYPE.itemsize == 64 and COLD_DTYPE.itemsize == 64 and FIRST_DTYPE.itemsize == 32
 
 # Ledger columns and states.
 L_STATE = 0
@@ -121,8 +140,8 @@ LEDGER_FAILED = 3
 REGISTER_RANGE = 100_000_000
 
 BLOCK_MAGIC = b"MSTB"
-BLOCK_VERSION = 1
-_HEADER = struct.Struct("<4sHHHHII")  # magic, version, hot size, cold size, 0, meters, payments
+BLOCK_VERSION = 2  # 2: the first-reading records follow the cold ones
+_HEADER = struct.Struct("<4sHHHHII")  # magic, version, hot, cold, first size, meters, payments
 _PAYMENT_DTYPE = np.dtype(
     [("meter", "<u4"), ("state", "u1"), ("spare", "u1"), ("id_len", "<u2"), ("expiry", "<i8")]
 )
@@ -154,9 +173,14 @@ class Fleet:
         cold: np.ndarray,
         terminal_start: np.ndarray,
         terminal_ids: Sequence[str],
+        first: np.ndarray | None = None,
     ) -> None:
         self.hot = hot
         self.cold = cold
+        if first is None:
+            first = aligned_zeros(hot.shape[0], FIRST_DTYPE)
+            first["ts"] = INT64_MIN
+        self.first = first
         self.terminal_start = terminal_start
         self.terminal_online = np.ones(len(terminal_ids), np.uint8)
         self.terminal_ids = list(terminal_ids)
@@ -267,7 +291,8 @@ def to_bytes(fleet: Fleet, terminal: int) -> bytes:
     """One terminal's block (its meters' hot and cold records and payment ledger) as bytes.
 
     Layout (little-endian): header (magic b"MSTB", version, record sizes, meter and payment
-    counts), the hot records, the cold records, one 16-byte row per payment (meter offset in
+    counts), the hot records, the cold records, the first-reading records, one 16-byte row
+    per payment (meter offset in
     the block, ledger state, id length, expiry) newest first per meter, then the payment ids as
     UTF-8. Ledger keys and the terminal index are fleet-local and are not relied on.
     """
@@ -289,14 +314,15 @@ def to_bytes(fleet: Fleet, terminal: int) -> bytes:
         BLOCK_VERSION,
         HOT_DTYPE.itemsize,
         COLD_DTYPE.itemsize,
-        0,
+        FIRST_DTYPE.itemsize,
         sl.stop - sl.start,
         len(rows),
     )
     cold = fleet.cold[sl].copy()
     cold["pay_head"] = -1  # fleet-local: rebuilt from the payment rows
     cold["terminal"] = 0  # fleet-local: set by from_bytes
-    return b"".join([header, fleet.hot[sl].tobytes(), cold.tobytes(), pay.tobytes(), *ids])
+    return b"".join([header, fleet.hot[sl].tobytes(), cold.tobytes(), fleet.first[sl].tobytes(),
+                     pay.tobytes(), *ids])
 
 
 def from_bytes(fleet: Fleet, terminal: int, data: bytes) -> None:
@@ -307,13 +333,14 @@ def from_bytes(fleet: Fleet, terminal: int, data: bytes) -> None:
     """
     if len(data) < _HEADER.size:
         raise ValueError("state block too short for its header")
-    magic, version, hot_size, cold_size, _zero, n, n_pay = _HEADER.unpack_from(data, 0)
+    magic, version, hot_size, cold_size, first_size, n, n_pay = _HEADER.unpack_from(data, 0)
     if magic != BLOCK_MAGIC:
         raise ValueError("not a meterstream state block (bad magic)")
     if (
         version != BLOCK_VERSION
         or hot_size != HOT_DTYPE.itemsize
         or cold_size != COLD_DTYPE.itemsize
+        or first_size != FIRST_DTYPE.itemsize
     ):
         raise ValueError(
             f"state block version {version} is not readable by this version ({BLOCK_VERSION})"
@@ -328,6 +355,8 @@ def from_bytes(fleet: Fleet, terminal: int, data: bytes) -> None:
     pos += n * HOT_DTYPE.itemsize
     cold = np.frombuffer(data, COLD_DTYPE, n, pos)
     pos += n * COLD_DTYPE.itemsize
+    first = np.frombuffer(data, FIRST_DTYPE, n, pos)
+    pos += n * FIRST_DTYPE.itemsize
     pay = np.frombuffer(data, _PAYMENT_DTYPE, n_pay, pos)
     pos += n_pay * _PAYMENT_DTYPE.itemsize
     if not np.array_equal(cold["address"], fleet.cold["address"][sl]):
@@ -346,6 +375,7 @@ def from_bytes(fleet: Fleet, terminal: int, data: bytes) -> None:
             fleet.ledger[k, L_NEXT] = -1
     fleet.hot[sl] = hot
     fleet.cold[sl] = cold
+    fleet.first[sl] = first
     fleet.cold["terminal"][sl] = terminal
     fleet.cold["pay_head"][sl] = -1
     for i in range(n_pay - 1, -1, -1):  # push oldest first so the list keeps its order

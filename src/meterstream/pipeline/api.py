@@ -19,7 +19,7 @@ GET  /api/whoami                  the operator a bearer token names (or the view
 GET  /api/stream                  Server-Sent Events: each new overview, and new events
 
 A reader needs nothing; a command needs `Authorization: Bearer <operator token>` (the tokens
-come from the environment, never from a file in the repo). Errors are JSON
+come from the environment or the secrets file, never from a file in the repo). Errors are JSON
 `{"error": "..."}` with a 4xx status; nothing here raises past the handler.
 """
 
@@ -63,13 +63,14 @@ class MeterHistory:
     Only meters something happened to are kept (an event, a payment, a command transition, or
     a page asking for them), in LRU order, at most `meters` of them; each keeps a ring of its
     last `points` balance points and `entries` events. Memory is therefore
-    O(meters x (points + entries)), never O(fleet): 4,096 x (64 + 128) small tuples by
-    default, whether the worker holds 10 thousand meters or 1 million. A balance point is
+    O(meters x (points + entries)), never O(fleet): an event is a parsed JSON document of
+    about 1.3 KB, so the default 1,024 x 32 events is at most about 43 MB (plus 64 small
+    tuples each), whether the worker holds 10 thousand meters or 1 million. A balance point is
     taken at each event that changes or reports a balance, and once a second while the
     meter is watched (its page was read within `watch_s`).
     """
 
-    def __init__(self, meters: int = 4096, points: int = 64, entries: int = 128,
+    def __init__(self, meters: int = 1024, points: int = 64, entries: int = 32,
                  watch_s: float = 600.0) -> None:
         self.meters, self.points, self.entries, self.watch_s = meters, points, entries, watch_s
         self._kept: OrderedDict[str, tuple[deque[tuple[str, str, str]],
@@ -119,12 +120,12 @@ class Api:
     """Routes over a WorkerApp (its core, its events) and a producer for payments."""
 
     def __init__(self, worker: Any, *, operator_tokens: dict[str, str] | None = None,
-                 live_s: float = 1.0) -> None:
+                 live_s: float = 1.0, history: MeterHistory | None = None) -> None:
         self.worker = worker
         self.core = worker.core
         self.tokens = operator_tokens or {}  # token -> operator name
         self.live_s = live_s
-        self.history = MeterHistory()
+        self.history = history if history is not None else MeterHistory()
         self.live: deque[dict[str, Any]] = deque(maxlen=LIVE_KEPT)
         self._series: dict[int, list[dict[str, Any]]] = {}
         self._books: dict[str, tuple[dict[str, int], int, int]] = {}  # open_figures per terminal

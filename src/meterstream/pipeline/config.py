@@ -41,6 +41,10 @@ class WorkerConfig:
     influx: Any = None  # an InfluxConfig, or None: no InfluxDB
     audit_path: Path | None = None  # the tamper-evident audit trail (meterstream.audit), or None
     rules: CollectionRules = field(default_factory=CollectionRules)  # [dropouts]
+    # what the worker keeps in memory for the API and the dashboard (bounded, docs/dashboard.md)
+    events_kept: int = 2000  # the last events and the last commands out, each
+    history_meters: int = 1024  # customers whose history is kept (those something happened to)
+    history_entries: int = 32  # events kept per such customer
     secrets_file: Path | None = None  # its [operator_tokens] (collectors/config.py load_secrets)
 
     def operator_tokens(self) -> dict[str, str]:
@@ -115,6 +119,9 @@ def _worker(t: TomlTable, source: str, base: Path) -> WorkerConfig:
                                  if w.has("producer_max_batch_size") else None),
         # relative to the config file's directory, like the other file keys
         audit_path=(base / w.string("audit_path", "") if w.has("audit_path") else None),
+        events_kept=w.integer("events_kept", 2000, 10, 1_000_000),
+        history_meters=w.integer("history_meters", 1024, 1, 10_000_000),
+        history_entries=w.integer("history_entries", 32, 1, 100_000),
         secrets_file=_secrets_file(w, base))
     w.finish()
     c = t.sub("commands")

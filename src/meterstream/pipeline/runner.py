@@ -51,7 +51,7 @@ async def start_worker(bootstrap: str, archive: Path, tariffs: Path, cfg: Worker
                        data_dir: Path, app_id: str = "meterstream-worker",
                        influx_sink: Any = None) -> Running:
     """The worker, its payments intake and its API, started."""
-    from meterstream.pipeline.api import Api, serve
+    from meterstream.pipeline.api import Api, MeterHistory, serve
     from meterstream.pipeline.app import WorkerApp
     from meterstream.pipeline.payments import PaymentRouter, run_intake
     from meterstream.pipeline.worker import WorkerCore
@@ -63,13 +63,13 @@ async def start_worker(bootstrap: str, archive: Path, tariffs: Path, cfg: Worker
         raise UserError(f"cannot create the worker's data directory: {exc.strerror}",
                         where=str(data_dir)) from None
     core = WorkerCore(archive, tariffs, policy=cfg.policy, cycle_s=cfg.cycle_s,
-                      influx=influx_sink)
+                      rules=cfg.rules, influx=influx_sink)
     overrides: dict[str, Any] = {}
     if cfg.producer_max_batch_size is not None:
         overrides["producer_max_batch_size"] = cfg.producer_max_batch_size
     worker = WorkerApp(core, bootstrap, datadir=data_dir / "faust", partitions=cfg.partitions,
                        app_id=app_id, tick_s=cfg.tick_s, kpi_s=cfg.kpi_s,
-                       audit_path=cfg.audit_path, **overrides)
+                       audit_path=cfg.audit_path, events_kept=cfg.events_kept, **overrides)
     run.worker = worker
     await worker.start()
     run.stops.append(worker.stop)
@@ -84,7 +84,8 @@ async def start_worker(bootstrap: str, archive: Path, tariffs: Path, cfg: Worker
         await asyncio.gather(intake, return_exceptions=True)
 
     run.stops.append(stop_intake)
-    api = Api(worker, operator_tokens=cfg.operator_tokens())
+    api = Api(worker, operator_tokens=cfg.operator_tokens(),
+              history=MeterHistory(cfg.history_meters, entries=cfg.history_entries))
     try:
         runner = await serve(api, cfg.http_host, cfg.http_port)
     except OSError as exc:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from meterstream.collectors.batch import OUTCOME_OK, CollectorEvent, ReadingBatch
+from meterstream.collectors.commands import ACTIONS as WIRE_ACTIONS
 from meterstream.collectors.commands import Command as WireCommand
 from meterstream.collectors.commands import CommandResult
 from meterstream.errors import UserError
@@ -38,6 +39,7 @@ from meterstream.kernels.layout import (
     BLOCK_MAGIC,
     BLOCK_VERSION,
     COLD_DTYPE,
+    FIRST_DTYPE,
     HOT_DTYPE,
     PaymentIdConflict,
     from_bytes,
@@ -45,7 +47,6 @@ from meterstream.kernels.layout import (
 )
 from meterstream.kernels.tariffs import P_CUTOFF
 from meterstream.pipeline import topics
-from meterstream.collectors.commands import ACTIONS as WIRE_ACTIONS
 from meterstream.pipeline.commands import (
     CANCELLED,
     CUTOFF,
@@ -136,8 +137,8 @@ class WorkerCore:
         self.influx = influx  # an InfluxSink, or None
         self.rules = rules or C.CollectionRules()
         self._collection_state(Path(archive_path), cycle_s)
-        self.counters = {"batches": 0, "readings": 0, "replayed_batches": 0, "payments": 0,
-                         "duplicate_payments": 0, "results": 0, "stale_results": 0,
+        self.counters = {"batches": 0, "readings": 0, "replayed_batches": 0, "late_readings": 0,
+                         "payments": 0, "duplicate_payments": 0, "results": 0, "stale_results": 0,
                          "unknown": 0, "commands_sent": 0}
 
     def _collection_state(self, path: Path, cycle_s: float) -> None:
@@ -203,8 +204,9 @@ class WorkerCore:
         cold = cold.copy()
         cold["terminal"] = 0  # fleet-local (pay_head is -1 already): as to_bytes writes it
         head = _BLOCK_HEAD.pack(BLOCK_MAGIC, BLOCK_VERSION, HOT_DTYPE.itemsize,
-                                COLD_DTYPE.itemsize, 0, sl.stop - sl.start, 0)
-        return b"".join([head, fleet.hot[sl].tobytes(), cold.tobytes()])
+                                COLD_DTYPE.itemsize, FIRST_DTYPE.itemsize, sl.stop - sl.start, 0)
+        return b"".join([head, fleet.hot[sl].tobytes(), cold.tobytes(),
+                         fleet.first[sl].tobytes()])
 
     def _book_state(self, terminal: str) -> bytes:
         book = self.book(terminal)
@@ -253,16 +255,21 @@ class WorkerCore:
         if terminal not in self.terminal_index:
             self.counters["unknown"] += 1
             return [self._dead("readings", value, f"terminal {terminal!r} is not in the archive")]
-        if batch.started_ns <= self.last_batch.get(terminal, 0):
-            self.counters["replayed_batches"] += 1
-            return []
-        self.last_batch[terminal] = batch.started_ns
-        self.counters["batches"] += 1
+        # A batch older than the terminal's last is a copy (redelivery, a replayed spool) or
+        # was delivered late (overtaken by a newer one). Its readings count only where they
+        # are older than a meter's earliest reading (billing.backfill_reading): copies change
+        # nothing. Collection figures count each cycle once, in order, so not for it.
+        late = batch.started_ns <= self.last_batch.get(terminal, 0)
         t_idx = self.terminal_index[terminal]
         all_slots = self.slots_of(batch.meter)
-        self.collection.apply_collection_batch(  # success rates, last seen, silent meters
-            t_idx, batch.started_ns, all_slots.astype(np.int32), batch.ts,
-            batch.outcome.astype(np.int8), batch.registers[:, 0].copy(), self.rules)
+        if late:
+            self.counters["replayed_batches"] += 1
+        else:
+            self.last_batch[terminal] = batch.started_ns
+            self.counters["batches"] += 1
+            self.collection.apply_collection_batch(  # success rates, last seen, silent meters
+                t_idx, batch.started_ns, all_slots.astype(np.int32), batch.ts,
+                batch.outcome.astype(np.int8), batch.registers[:, 0].copy(), self.rules)
         if self.influx is not None:
             from meterstream.pipeline.influx import BatchMeta
 
@@ -276,18 +283,21 @@ class WorkerCore:
         known = slots >= 0
         block = self.fleet.block(t_idx)
         mine = known & (slots >= block.start) & (slots < block.stop)
-        for m in meters[~mine].tolist():
+        for m in meters[~mine].tolist() if not late else ():
             out.append(_event("unknown_meter", terminal, batch.ended_ns, f"{int(m):012d}",
                               detail="not behind this terminal in the archive"))
         regs = batch.registers[ok][mine]
         slots = slots[mine]
         ts = batch.ts[ok][mine]
-        self.counters["readings"] += int(slots.shape[0])
+        if not late:
+            self.counters["readings"] += int(slots.shape[0])
         if slots.shape[0]:
             tou = np.where(regs[:, 1:] < 0, 0, regs[:, 1:])  # a 1997 meter: total only
             _charge, outcome, detail, action = self.billing.apply_readings(
                 slots, ts, np.ascontiguousarray(regs[:, 0]), *(np.ascontiguousarray(tou[:, k])
-                                                               for k in range(4)))
+                                                               for k in range(4)), late=late)
+            if late:
+                self.counters["late_readings"] += int((outcome == K.OUT_ACCEPTED).sum())
             hit = np.flatnonzero((outcome == K.OUT_BACKWARDS) | (outcome == K.OUT_IMPLAUSIBLE)
                                  | ((outcome == K.OUT_ACCEPTED) & (detail != 0)) | (action != 0))
             for i in hit.tolist():

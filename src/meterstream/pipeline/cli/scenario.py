@@ -68,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
     handler = logging.FileHandler(args.out / "runner.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    import signal
+
+    # SIGTERM stops a run as Ctrl-C does: the run's own cleanup stops the workers, the broker
+    # and VictoriaMetrics (asyncio.run cancels the run's task on the way out)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     rep = run_scenario(cfg, log=log)
     print(rep.summary())
     return 0 if rep.ok else 1
