@@ -196,7 +196,7 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path: Path) -> None:
 def test_the_memory_report_tells_a_buffer_filling_from_a_leak(tmp_path: Path) -> None:
     t = [2.0 * i for i in range(90)]  # 3 minutes, a sample every 2 s
     filling = [(x, 300_000 + min(x, 60.0) * 100) for x in t]  # 100 KB/s for a minute, then flat
-    leak = [(x, 300_000 + x * 10) for x in t]  # 10 KB/s throughout: 600 KB/min
+    leak = [(x, 300_000 + int(x) * 10) for x in t]  # 10 KB/s throughout: 600 KB/min
     text = rss_report({"worker-1#1": filling, "worker-2#1": leak, "short": filling[:19]})
     assert "short" not in text  # fewer than 20 samples: a warm-up, not a trend
     assert "worker-1#1 +0 (thirds +6000/+0/+0)" in text  # filled in the first third
