@@ -288,6 +288,39 @@ def test_a_first_batch_delivered_after_the_second_is_billed_as_in_time_order(
     assert run([1, 0, 2])[0] == in_order
 
 
+def test_a_late_batch_never_rewrites_the_balance_history(tmp_path: Path) -> None:
+    """Balance points go to InfluxDB at their batch's time; a copy writes none (it would
+    overwrite the point at that time with today's balance), a backfill writes one now."""
+    (tmp_path / "a.csv").write_text(ARCHIVE)
+    (tmp_path / "t.toml").write_text(TARIFFS)
+
+    class Sink:  # records what the worker hands the InfluxDB sink
+        def __init__(self) -> None:
+            self.balances: list[tuple[int, list[int]]] = []
+
+        def write_batch(self, batch: object, meta: object) -> int:
+            return 0
+
+        def write_balances(self, terminal: str, area: str, meter: object, balance: object,
+                           relay: object, ts_ns: int, meter_class: object = 2) -> int:
+            self.balances.append((ts_ns, [int(x) for x in np.asarray(meter)]))
+            return 0
+
+    sink, clock = Sink(), Clock()
+    clock.t = T0 + 10 * H
+    core = WorkerCore(tmp_path / "a.csv", tmp_path / "t.toml", now=clock, influx=sink)
+    m1 = 330010010001
+    b = [batch("T1", T0 + k * H, [(m1, T0 + k * H, 100_00 + 150 * k, OUTCOME_OK)])
+         for k in range(3)]
+    core.on_batch(b[1])
+    core.on_batch(b[2])
+    assert [ts for ts, _ in sink.balances] == [T0 + H + 1, T0 + 2 * H + 1]  # ended_ns
+    core.on_batch(b[1])  # a copy: nothing to write
+    assert len(sink.balances) == 2
+    core.on_batch(b[0])  # the first batch, late: it moved the balance now
+    assert sink.balances[-1] == (clock.t, [m1]) and len(sink.balances) == 3
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 300), min_size=2, max_size=7), st.randoms(use_true_random=False))
 def test_any_delivery_order_ends_where_time_order_ends(tmp_path_factory: pytest.TempPathFactory,

@@ -589,6 +589,19 @@ def apply_readings(
         action[i] = act
 
 
+@njit(**NJIT_INLINE)
+def _set_first(first: np.ndarray, s: int, ts: int, total: int, t1: int, t2: int, t3: int,
+               t4: int) -> None:
+    """Meter `s`'s earliest reading is now this one."""
+    f = first[s]
+    f.ts = ts
+    f.total = total
+    f.t1 = t1
+    f.t2 = t2
+    f.t3 = t3
+    f.t4 = t4
+
+
 @njit(**NJIT)
 def backfill_reading(
     hot: np.ndarray,
@@ -640,12 +653,7 @@ def backfill_reading(
             r.base_t3 = t3
             r.base_t4 = t4
             r.last_ts = ts
-            f.ts = ts
-            f.total = total
-            f.t1 = t1
-            f.t2 = t2
-            f.t3 = t3
-            f.t4 = t4
+            _set_first(first, s, ts, total, t1, t2, t3, t4)
         return o, 0, back if back != 0 else d0
     charge = 0
     key = period_key(clock, zone, plans[r.plan, P_PERIOD], f.ts)
@@ -656,12 +664,7 @@ def backfill_reading(
         r.charged += charge
     if same:
         r.used += d0
-    f.ts = ts
-    f.total = total
-    f.t1 = t1
-    f.t2 = t2
-    f.t3 = t3
-    f.t4 = t4
+    _set_first(first, s, ts, total, t1, t2, t3, t4)
     if roll != 0:
         _count_anomaly(cold, s, f.ts, OUT_ACCEPTED)
     return OUT_ACCEPTED, charge, roll

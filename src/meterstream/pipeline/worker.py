@@ -304,7 +304,12 @@ class WorkerCore:
                 out.extend(self._reading_events(terminal, int(slots[i]), int(ts[i]),
                                                 int(outcome[i]), int(detail[i]),
                                                 int(action[i])))
-            self._write_balances(terminal, slots, batch.ended_ns)
+            if not late:
+                self._write_balances(terminal, slots, batch.ended_ns)
+            elif (moved := outcome == K.OUT_ACCEPTED).any():
+                # a backfill moved these balances now: a point at the late batch's own time
+                # would overwrite the history there (same series, same timestamp)
+                self._write_balances(terminal, slots[moved], self.now())
         out.extend(self._dispatch(terminal))
         return out
 
@@ -576,11 +581,11 @@ class WorkerCore:
         for rec in audit:
             out.append(Out(topics.EVENTS.name, terminal, rec.to_json().encode()))
             if self.influx is not None and rec.to_state in PIPELINE_OUTCOMES:
-                c = book.get(rec.command_id)
-                if c is not None:  # the pipeline's own states; the collector's are its results
+                closed = book.get(rec.command_id)
+                if closed is not None:  # the pipeline's own states; the collector's: results
                     self.influx.write_command(CommandResult(
-                        WireCommand(c.meter, c.wire_action, id=c.id), terminal,
-                        detail=rec.cause, attempts=c.attempts), outcome=rec.to_state,
+                        WireCommand(closed.meter, closed.wire_action, id=closed.id), terminal,
+                        detail=rec.cause, attempts=closed.attempts), outcome=rec.to_state,
                         ts_ns=rec.ts_ns)
         for wo in work_orders:
             out.append(Out(topics.EVENTS.name, terminal, wo.to_json().encode()))
