@@ -672,3 +672,46 @@ def test_a_slow_server_never_stalls_the_writer_and_memory_spills_to_disk(stub: S
     st = sink.stats
     assert (st.written, st.rejected, st.refused, st.errors) == (120, 0, 0, 0)
     assert Counter(stub.accepted) == Counter(lines)  # every point once
+
+
+class _GateSender:
+    """A server that answers only when the test opens the gate (a slow InfluxDB)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.bodies: list[bytes] = []
+
+    def send(self, body: bytes) -> None:
+        self.gate.wait(WAIT_S)
+        self.bodies.append(body)
+
+    def close(self) -> None:
+        self.gate.set()
+
+
+def test_make_durable_puts_every_point_on_the_server_or_on_disk(tmp_path: Path) -> None:
+    """What the worker waits for before Kafka offsets are committed: a process killed after
+    make_durable() loses no point taken before it, however slow the server."""
+    sender = _GateSender()
+    sink = InfluxSink("http://x", "t", "o", "b", tmp_path / "spool", batch_size=10,
+                      flush_s=0.01, sender=sender, backoff_s=(60.0, 60.0))  # no retry meanwhile
+    try:
+        sink.write_points([f"m v={k}i {k}" for k in range(10)])  # one request, stuck in flight
+        wait_for(lambda: sink.stats.pending == 0, "the request to be taken")
+        sink.write_points([f"m v={k}i {k}" for k in range(10, 35)])  # queued behind it
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (sink.make_durable(spill_after_s=0.1), done.set()))
+        t.start()
+        wait_for(lambda: sink.stats.spooled == 25, "the queued points spilled to disk")
+        assert not done.is_set()  # it still waits for the request in flight
+        sender.gate.set()
+        t.join(WAIT_S)
+        assert done.is_set()
+        st = sink.stats
+        assert (st.written, st.spooled, st.pending) == (10, 25, 0)
+        on_disk = b"".join(f.read_bytes() for f in sorted((tmp_path / "spool").glob("spool-*.lp")))
+        assert sorted(int(x.split()[-1]) for x in on_disk.decode().splitlines()) == list(
+            range(10, 35))
+    finally:
+        sender.gate.set()
+        sink.close(5.0)

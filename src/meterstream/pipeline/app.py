@@ -238,7 +238,23 @@ class WorkerApp:
             self.audit.sync()  # before the events are acknowledged (one fsync per publish)
 
     async def start(self) -> None:
+        if self.core.influx is not None:
+            self._durable_before_commit(self.core.influx)
         await self.app.start()
+
+    def _durable_before_commit(self, sink: Any) -> None:
+        """Kafka offsets are committed only once the InfluxDB points of the messages before
+        them are on the server or in the sink's spool, so that a worker killed after a commit
+        has lost none of them. Every commit of Faust's consumer (its timer, a rebalance, the
+        stop) goes through `Consumer.commit`."""
+        consumer = self.app.consumer
+        commit = consumer.commit
+
+        async def commit_when_durable(*args: Any, **kwargs: Any) -> bool:
+            await sink.amake_durable()
+            return bool(await commit(*args, **kwargs))
+
+        consumer.commit = commit_when_durable  # type: ignore[method-assign]
 
     async def stop(self) -> None:
         metrics.unwatch("worker", self)

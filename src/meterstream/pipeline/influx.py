@@ -602,6 +602,29 @@ class InfluxSink:
                     return False
             return True
 
+    def make_durable(self, spill_after_s: float = 1.0) -> None:
+        """Return once every point taken so far is on the server or in the spool, so that a
+        process killed now loses none of them. Points still queued after `spill_after_s` (a
+        slow server) are spooled from this thread; a request in flight ends within the
+        client's timeout, written or spooled."""
+        deadline = time.monotonic() + spill_after_s
+        with self._cv:
+            self._flush_wanted = True
+            self._cv.notify_all()
+            while self._items and self._wait(deadline):
+                pass
+            left = list(self._items)
+            self._items.clear()
+            self._pending = 0
+        if left:
+            self._spool_lines(self._format(left), sum(i.n for i in left))
+        with self._cv:
+            while self._taken:
+                self._cv.wait()
+
+    async def amake_durable(self, spill_after_s: float = 1.0) -> None:
+        await asyncio.to_thread(self.make_durable, spill_after_s)
+
     def retry_now(self) -> None:
         """Try the spool now instead of at the end of the current backoff."""
         with self._cv:
