@@ -24,7 +24,7 @@ from collect_helpers import FIELD_CONFIG, PortHold
 from test_pipeline_e2e import field_doc, until
 
 from meterstream.pipeline.api import MeterHistory
-from meterstream.scenario import open_window_tariffs
+from meterstream.scenario import fast_collector_config, open_window_tariffs
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -125,7 +125,6 @@ def test_dashboard_in_a_browser(tmp_path: Path, monkeypatch: Any) -> None:
     from meterfield.config import parse_config
     from meterfield.field import Field
     from meterstream.collectors.archive import load_archive
-    from meterstream.collectors.config import load_collector_config
     from meterstream.pipeline.broker import EmbeddedBroker
     from meterstream.pipeline.collector_kafka import KafkaCollector
     from meterstream.pipeline.config import WorkerConfig
@@ -154,13 +153,8 @@ def test_dashboard_in_a_browser(tmp_path: Path, monkeypatch: Any) -> None:
                 run = await start_worker(broker.bootstrap, tmp_path / "a.csv",
                                          open_window_tariffs(tmp_path), cfg,
                                          data_dir=tmp_path, app_id=app_id)
-                base_cfg = load_collector_config(ROOT / "config" / "collector.toml")
-                ccfg = dataclasses.replace(
-                    base_cfg, poll=dataclasses.replace(base_cfg.poll, cycle_s=2.0,
-                                                       timeout_s=0.5, retries=1, clock_every=0),
-                    dialin_port=hold.release(), confirm_poll_s=0.2, confirm_timeout_s=10.0,
-                    modbus_timeout_s=0.5)
-                collector = KafkaCollector(load_archive(tmp_path / "a.csv"), ccfg,
+                collector = KafkaCollector(load_archive(tmp_path / "a.csv"),
+                                           fast_collector_config(hold.release()),
                                            broker.bootstrap, spool_dir=tmp_path / "spool",
                                            session_timeout_s=3.0)
                 await collector.start()

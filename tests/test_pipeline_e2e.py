@@ -24,12 +24,11 @@ from collect_helpers import FIELD_CONFIG, PortHold
 from meterfield.config import parse_config
 from meterfield.field import Field
 from meterstream.collectors.archive import load_archive
-from meterstream.collectors.config import load_collector_config
 from meterstream.pipeline import topics
 from meterstream.pipeline.broker import EmbeddedBroker
 from meterstream.pipeline.config import WorkerConfig
 from meterstream.pipeline.runner import all_topics, start_worker
-from meterstream.scenario import open_window_tariffs
+from meterstream.scenario import fast_collector_config, open_window_tariffs
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 60.0
@@ -145,13 +144,8 @@ def test_cut_off_pay_reconnect_protected_withholding_duplicate(tmp_path: Path,
                     # a withholding in flight before the first reading: it holds the cut-off
                     await pay("W-1", withheld, "30.00", "pending")
                     await until(lambda: core.counters["payments"] >= 1, "the pending payment")
-                    base = load_collector_config(ROOT / "config" / "collector.toml")
-                    ccfg = dataclasses.replace(
-                        base, poll=dataclasses.replace(base.poll, cycle_s=2.0, timeout_s=0.5,
-                                                       retries=1, clock_every=0),
-                        dialin_port=hold.release(), confirm_poll_s=0.2, confirm_timeout_s=10.0,
-                        modbus_timeout_s=0.5)
-                    collector = KafkaCollector(load_archive(tmp_path / "a.csv"), ccfg,
+                    collector = KafkaCollector(load_archive(tmp_path / "a.csv"),
+                                               fast_collector_config(hold.release()),
                                                broker.bootstrap, spool_dir=tmp_path / "spool",
                                                session_timeout_s=3.0)
                     await collector.start()

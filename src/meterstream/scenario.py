@@ -125,6 +125,20 @@ def field_doc(cfg: ScenarioConfig, dialin_port: int) -> dict[str, Any]:
     return doc
 
 
+def fast_collector_config(dialin_port: int, cycle_s: float = 2.0) -> Any:
+    """config/collector.toml for a run of minutes on loopback: a `cycle_s` poll cycle, short
+    timeouts, one retry, no clock reads, read-backs 0.2 s apart; the collectors of this runner,
+    the end-to-end and the dashboard tests."""
+    from meterstream.collectors.config import load_collector_config
+
+    base = load_collector_config(ROOT / "config" / "collector.toml")
+    return dataclasses.replace(
+        base, poll=dataclasses.replace(base.poll, cycle_s=cycle_s, timeout_s=0.5, retries=1,
+                                       clock_every=0),
+        dialin_port=dialin_port, confirm_poll_s=0.2, confirm_timeout_s=10.0,
+        modbus_timeout_s=0.5)
+
+
 def open_window_tariffs(out: Path, name: str = "tariffs.toml") -> Path:
     """The example tariffs with no holidays and a cut-off window open at every hour of every
     day, written to out/name: runs that must see cut-offs whenever they run (this runner, the
@@ -501,7 +515,6 @@ async def run_scenario(cfg: ScenarioConfig, *, log: Callable[[str], None] | None
     from meterfield.config import parse_config
     from meterfield.field import Field
     from meterstream.collectors.archive import load_archive
-    from meterstream.collectors.config import load_collector_config
     from meterstream.pipeline import topics
     from meterstream.pipeline.broker import EmbeddedBroker, free_port
     from meterstream.pipeline.collector_kafka import KafkaCollector, KafkaSink
@@ -644,12 +657,7 @@ async def run_scenario(cfg: ScenarioConfig, *, log: Callable[[str], None] | None
                     super().batch(held)
                 self.held.clear()
 
-        base = load_collector_config(ROOT / "config" / "collector.toml")
-        ccfg = dataclasses.replace(
-            base, poll=dataclasses.replace(base.poll, cycle_s=cfg.cycle_s, timeout_s=0.5,
-                                           retries=1, clock_every=0),
-            dialin_port=dialin, confirm_poll_s=0.2, confirm_timeout_s=10.0,
-            modbus_timeout_s=0.5)
+        ccfg = fast_collector_config(dialin, cfg.cycle_s)
         sink = RecordingSink(bootstrap, spool_dir=out / "collector-spool",
                              spool_max_bytes=64 << 20, request_timeout_s=3.0,
                              backoff_s=(0.2, 2.0),
